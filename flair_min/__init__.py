@@ -1,0 +1,10 @@
+"""flair_min: FLAIR (CVPR 2025) rebuilt from scratch, notebook first.
+
+Hand-written (nbdev does not own this file): it re-exports the public names, so that
+`from flair_min import get_tokenizer` works and the official minimal example runs with
+`import flair_min as flair`.
+"""
+__version__ = "0.1.0"
+
+from .tokenizer import SimpleTokenizer, get_tokenizer
+

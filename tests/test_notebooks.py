@@ -1,0 +1,20 @@
+"""Every notebook is a test: run each one top to bottom, as `nbdev_test` does, skipping the cells
+flagged with a `tst_flags` flag (`#| gpu`, `#| slow`). Scratch notebooks (`_*.ipynb`) are skipped."""
+import os
+import pytest
+from nbdev import test as nbdev_testing
+from nbdev.config import get_config
+
+from conftest import ROOT
+
+NOTEBOOKS = sorted(p for p in (ROOT / 'nbs').glob('*.ipynb') if not p.name.startswith('_'))
+
+
+@pytest.mark.parametrize('notebook', NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook(notebook, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    skip_flags = get_config().tst_flags.split()
+    assert {'gpu', 'slow'} <= set(skip_flags)
+    monkeypatch.setenv('MPLBACKEND', 'Agg')
+    passed, _ = nbdev_testing.test_nb(notebook, skip_flags=skip_flags, basepath=ROOT)
+    assert passed, f'{notebook.name} failed; the traceback is printed above'
