@@ -8,3 +8,5 @@ __version__ = "0.1.0"
 
 from .tokenizer import SimpleTokenizer, get_tokenizer
 
+from .captions import (split_caption, caption_pool, sample_subcaptions, sample_subcaption_indices,
+                       tokenize_pool, TokenizedPool, sample_subcaption_tokens, DREAMLIP_FIELDS)
