@@ -10,3 +10,7 @@ from .tokenizer import SimpleTokenizer, get_tokenizer
 
 from .captions import (split_caption, caption_pool, sample_subcaptions, sample_subcaption_indices,
                        tokenize_pool, TokenizedPool, sample_subcaption_tokens, DREAMLIP_FIELDS)
+from .model import (FLAIR, FlairConfig, image_transform, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
+                    load_state_dict_strict, StateDictMismatchError, unwrap_state_dict)
+from .pretrained import (create_model_and_transforms, create_model, download_weights_from_hf, load_checkpoint,
+                         read_checkpoint, PRETRAINED_FILES)

@@ -1,0 +1,174 @@
+"Loading checkpoints: file forms, strictness, the errors of broken files and of a missing network, precisions."
+import argparse
+
+import pytest
+import torch
+
+import flair_min
+import flair_min.pretrained as pretrained_mod
+from flair_min.model import FLAIR, FlairConfig, StateDictMismatchError, image_transform
+from flair_min.pretrained import (PRECISIONS, PRETRAINED_FILES, create_model, create_model_and_transforms,
+                                  download_weights_from_hf, load_checkpoint, read_checkpoint)
+
+
+def close(a, b, eps=1e-5):
+    torch.testing.assert_close(a, b, atol=eps, rtol=0)
+
+
+def forms(sd):
+    prefixed = {'module.' + k: v for k, v in sd.items()}
+    return {'bare': sd, 'wrapped': {'state_dict': sd, 'epoch': 32}, 'module.': prefixed,
+            'training checkpoint': {'epoch': 32, 'name': 'run', 'state_dict': prefixed,
+                                    'optimizer': {'state': {}, 'param_groups': [{'lr': 5e-4, 'betas': (0.9, 0.98)}]}}}
+
+
+@pytest.mark.parametrize('form', ['bare', 'wrapped', 'module.', 'training checkpoint'])
+@pytest.mark.parametrize('name', ['tiny', 'config'])
+def test_saved_checkpoint_through_front_door(flair_tiny, tmp_path, form, name):
+    path = tmp_path / 'ckpt.pt'
+    torch.save(forms(flair_tiny['state_dict'])[form], path)
+    model, train_tf, val_tf = create_model_and_transforms('tiny' if name == 'tiny' else FlairConfig.tiny(), pretrained=path)
+    with torch.no_grad():
+        per_image, per_text = model.get_logits(image=flair_tiny['images'], text=flair_tiny['texts'])
+        clip_image, clip_text = model.get_logits_as_clip(image=flair_tiny['images'], text=flair_tiny['texts'])
+    close(per_image, flair_tiny['get_logits.image']); close(per_text, flair_tiny['get_logits.text'])
+    close(clip_image, flair_tiny['get_logits_as_clip.image']); close(clip_text, flair_tiny['get_logits_as_clip.text'])
+    assert str(val_tf) == str(image_transform(32)) and 'RandomResizedCrop' in str(train_tf)
+
+
+def test_load_checkpoint_accepts_dicts_and_paths(flair_tiny, tmp_path):
+    torch.save(flair_tiny['state_dict'], tmp_path / 'sd.pt')
+    for source in (forms(flair_tiny['state_dict'])['training checkpoint'], tmp_path / 'sd.pt', str(tmp_path / 'sd.pt')):
+        model = load_checkpoint(FLAIR(FlairConfig.tiny()), source)
+        close(model.logit_bias.detach(), flair_tiny['state_dict']['logit_bias'])
+
+
+def test_random_init_and_presets():
+    model, _, val_tf = create_model_and_transforms('tiny')
+    assert model.config == FlairConfig.tiny() and not any(p.is_meta for p in model.parameters())
+    close(model.logit_scale.detach(), torch.tensor(2.659260036932778))
+    close(model.logit_bias.detach(), torch.tensor(-10.))
+    with pytest.raises(ValueError, match='unknown model name'):
+        create_model('ViT-B-32')
+    with pytest.raises(TypeError, match='FlairConfig'):
+        create_model(42)
+
+
+@pytest.mark.parametrize('precision', list(PRECISIONS))
+def test_precisions(flair_tiny, tmp_path, precision):
+    torch.save(flair_tiny['state_dict'], tmp_path / 'sd.pt')
+    model = create_model('tiny', pretrained=tmp_path / 'sd.pt', precision=precision)
+    assert {p.dtype for p in model.parameters()} == {PRECISIONS[precision]}
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'amp'):
+        out = model.get_logits(flair_tiny['images'], flair_tiny['texts'])[0].float()
+    close(out, flair_tiny['get_logits.image'], eps=1e-5 if precision == 'fp32' else 0.2)
+    with pytest.raises(ValueError, match='precision'):
+        create_model('tiny', precision='int8')
+
+
+def mismatch(sd, kind):
+    sd = dict(sd)
+    if kind == 'missing': del sd['ln_final.bias']
+    if kind == 'unexpected': sd['visual.proj'] = torch.zeros(128, 64)
+    if kind == 'shape': sd['text_post.proj'] = torch.zeros(128, 32)
+    return sd
+
+
+@pytest.mark.parametrize('kind,expected', [('missing', "missing keys 1: ['ln_final.bias']"),
+                                           ('unexpected', "unexpected keys 1: ['visual.proj']"),
+                                           ('shape', "('text_post.proj', (128, 32), (128, 64))")])
+def test_mismatched_checkpoint_is_refused(flair_tiny, tmp_path, kind, expected):
+    torch.save({'state_dict': mismatch(flair_tiny['state_dict'], kind)}, tmp_path / 'bad.pt')
+    with pytest.raises(StateDictMismatchError) as e:
+        create_model('tiny', pretrained=tmp_path / 'bad.pt')
+    assert expected in str(e.value)
+
+
+def test_one_error_lists_all_mismatches(flair_tiny, tmp_path):
+    sd = mismatch(mismatch(mismatch(flair_tiny['state_dict'], 'missing'), 'unexpected'), 'shape')
+    torch.save(sd, tmp_path / 'bad.pt')
+    with pytest.raises(StateDictMismatchError) as e:
+        create_model('tiny', pretrained=tmp_path / 'bad.pt')
+    for expected in ("missing keys 1: ['ln_final.bias']", "unexpected keys 1: ['visual.proj']", "('text_post.proj', (128, 32), (128, 64))"):
+        assert expected in str(e.value)
+
+
+def test_tiny_weights_into_vit_b16_is_refused(flair_tiny, tmp_path):
+    torch.save(flair_tiny['state_dict'], tmp_path / 'tiny.pt')
+    with pytest.raises(StateDictMismatchError, match='missing keys 240'):
+        create_model('ViT-B-16-FLAIR', pretrained=tmp_path / 'tiny.pt')
+
+
+def test_broken_files(flair_tiny, tmp_path):
+    (tmp_path / 'page.pt').write_text('<html>404 Not Found</html>\n')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    torch.save(flair_tiny['state_dict'], tmp_path / 'good.pt')
+    good = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'truncated.pt').write_bytes(good[:len(good) // 2])
+    torch.save({'epoch': 3, 'note': 'no weights'}, tmp_path / 'no_tensors.pt')
+    cases = [('missing.pt', FileNotFoundError, 'not found'), ('page.pt', ValueError, 'is not a PyTorch checkpoint'),
+             ('empty.pt', ValueError, 'is not a PyTorch checkpoint'), ('truncated.pt', ValueError, 'truncated or corrupted'),
+             ('no_tensors.pt', ValueError, 'expected a state dict')]
+    for name, error, message in cases:
+        with pytest.raises(error, match=message):
+            create_model('tiny', pretrained=tmp_path / name) if name != 'missing.pt' else read_checkpoint(tmp_path / name)
+
+
+def test_pickle_refused_by_weights_only(flair_tiny, tmp_path):
+    torch.save({'state_dict': flair_tiny['state_dict'], 'args': argparse.Namespace(lr=5e-4)}, tmp_path / 'objects.pt')
+    with pytest.raises(ValueError, match='refused to unpickle') as e:
+        create_model('tiny', pretrained=tmp_path / 'objects.pt')
+    assert 'argparse.Namespace' in str(e.value) and 'weights_only=False' in str(e.value)
+
+
+def test_unknown_pretrained_name():
+    with pytest.raises(FileNotFoundError, match='neither an existing file nor one of the released checkpoints'):
+        create_model('tiny', pretrained='flair-laion2b.pt')
+
+
+def test_no_network_says_what_to_do(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    for call in (lambda: download_weights_from_hf('xiaorui638/flair', 'flair-cc3m-recap.pt', cache_dir=tmp_path),
+                 lambda: create_model('ViT-B-16-FLAIR', pretrained='flair-cc3m-recap.pt', cache_dir=tmp_path)):
+        with pytest.raises(RuntimeError) as e:
+            call()
+        msg = str(e.value)
+        assert 'pass its local path' in msg and "'xiaorui638/flair'" in msg and 'flair-cc3m-recap.pt' in msg
+
+
+def test_connection_error_says_what_to_do(monkeypatch):
+    import huggingface_hub
+    def no_network(**kwargs): raise ConnectionError('Name or service not known')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    with pytest.raises(RuntimeError, match='pass its local path'):
+        download_weights_from_hf(filename='flair-merged30m.pt')
+
+
+def test_released_names_go_to_the_hub(flair_tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+    torch.save({'state_dict': flair_tiny['state_dict']}, tmp_path / 'flair-cc12m-recap.pt')
+    calls = []
+    def fake_download(repo_id, filename, cache_dir=None):
+        calls.append((repo_id, filename)); return str(tmp_path / filename)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+    monkeypatch.chdir(tmp_path.parent)  # so the bare name is not found as a local file
+    create_model('tiny', pretrained='flair-cc12m-recap.pt')
+    assert calls == [('xiaorui638/flair', 'flair-cc12m-recap.pt')]
+    assert PRETRAINED_FILES == ('flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt', 'flair-merged30m.pt')
+
+
+def test_minimal_example_names(flair_tiny, tmp_path, monkeypatch):
+    "The official minimal example's calls, through `import flair_min as flair` (tiny weights stand in for the hub file)."
+    needed = ('download_weights_from_hf', 'create_model_and_transforms', 'get_tokenizer')
+    if not all(hasattr(flair_min, n) for n in needed):
+        pytest.skip('flair_min/__init__.py does not re-export the pretrained names yet')
+    import huggingface_hub
+    torch.save({'state_dict': flair_tiny['state_dict']}, tmp_path / 'flair-cc3m-recap.pt')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, cache_dir=None: str(tmp_path / filename))
+    flair = flair_min
+    pretrained = flair.download_weights_from_hf(model_repo='xiaorui638/flair', filename='flair-cc3m-recap.pt')
+    model, _, preprocess = flair.create_model_and_transforms('tiny', pretrained=pretrained)
+    model.eval()
+    with torch.no_grad():
+        close(model.get_logits(image=flair_tiny['images'], text=flair_tiny['texts'])[0], flair_tiny['get_logits.image'])
