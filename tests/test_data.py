@@ -1,0 +1,210 @@
+"""The training-data pipeline (flair_min.data): every source gives the same batches, bad samples are
+skipped and counted by kind (in the main process and across DataLoader workers), worker/rank splits
+cover the data exactly once, epochs reshuffle, resampling gives exact epoch lengths, and the hub
+path works offline on files in the hub's layouts."""
+import csv, io, json, logging, random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
+from flair_min.data import (SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, load_table, make_pipeline,
+                            make_train_loader, prepare_cc3m_recap, source_kind, tar_samples, write_shard)
+from flair_min.model import image_transform
+from flair_min.tokenizer import get_tokenizer
+
+TOY = ROOT / 'data' / 'toy'
+SMALL = dict(image_size=32, context_length=16, num_captions=4, seed=0)   # small batches keep the tests fast
+
+
+def photo(seed=0, size=(40, 30), fmt='JPEG') -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    out = io.BytesIO(); image.save(out, fmt); return out.getvalue()
+
+
+def record(i) -> dict:
+    return {'raw_caption': [f'photo {i}'], 'shortIB_captions': [f'a red square {i}'],
+            'longIB_captions': [f'In the image a square number {i}', 'It sits on a table'], 'shortSV_captions': ['short'],
+            'longSV_captions': ['long one', 'long two'], 'shortLLA_captions': ['lla'], 'longLLA_captions': ['lla long']}
+
+
+def good(start, n, ext='jpg'):
+    return [{'__key__': f'{i:05d}', ext: photo(i, fmt='PNG' if ext == 'png' else 'JPEG'), 'json': record(i)}
+            for i in range(start, start + n)]
+
+
+BAD = {'corrupt_image': {'jpg': photo()[:150], 'json': record(0)},
+       'bad_json': {'jpg': photo(), 'json': b'{"raw_caption": ["cut'},
+       'no_caption': {'jpg': photo(), 'json': {'url': 'https://x/0.jpg', 'key': '0'}},
+       'empty_caption': {'jpg': photo(), 'json': {'caption': ' .\n. '}},
+       'bad_caption': {'jpg': photo(), 'json': {'longSV_captions': ['ok', 7]}},
+       'no_image': {'json': record(0)}}
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    "Four good shards (jpg, png, webp samples), one with every bad kind between good samples, one cut short."
+    tmp = tmp_path_factory.mktemp('shards')
+    write_shard(tmp / 'part-0.tar', good(0, 5))
+    write_shard(tmp / 'part-1.tar', good(5, 5, 'png'))
+    write_shard(tmp / 'part-2.tar', good(10, 5, 'webp'))
+    write_shard(tmp / 'part-3.tar', [*good(15, 2), *({'__key__': k, **v} for k, v in BAD.items()), *good(17, 2)])
+    write_shard(tmp / 'full-4.tar', good(19, 6))
+    data = (tmp / 'full-4.tar').read_bytes()
+    (tmp / 'part-4.tar').write_bytes(data[:len(data) // 2])                    # a shard that ends in the middle
+    keys = {f'{i:05d}' for i in range(19)}
+    kept_of_cut = {s['__key__'] for s in tar_samples(str(tmp / 'part-4.tar')) if '__skip__' not in s}
+    return {'urls': str(tmp / 'part-{0..4}.tar'), 'keys': keys | kept_of_cut, 'dir': tmp}
+
+
+def keys_of(loader) -> list[str]:
+    return [key for batch in loader for key in batch[2]]
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_bad_samples_skipped_and_counted(shards, num_workers):
+    loader = make_train_loader(shards['urls'], batch_size=1, num_workers=num_workers, with_keys=True, **SMALL)
+    keys = keys_of(loader)
+    assert sorted(keys) == sorted(shards['keys'])                               # every good sample once, no bad one
+    assert loader.skipped() == {kind: 1 for kind in SKIP_KINDS}                 # each bad kind once (+ the cut shard)
+    assert loader.counts()['ok'] == len(shards['keys'])
+    assert 'skipped 7' in loader.skip_report()
+
+
+def test_first_skips_logged_with_key_and_reason(shards, caplog):
+    stream = ShardStream(str(shards['dir'] / 'part-3.tar'), make_pipeline(**{k: SMALL[k] for k in ('image_size', 'context_length')}),
+                         seed=0, shuffle=False, log_first=3)
+    with caplog.at_level(logging.WARNING, logger='flair_min.data'): list(stream)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and 'corrupt_image' in messages[0] and "'corrupt_image'" in messages[0]
+    assert 'part-3.tar' in messages[0] and 'counted, not logged' in messages[-1]
+
+
+def test_epochs_reshuffle_with_persistent_workers(shards):
+    loader = make_train_loader(shards['urls'], batch_size=1, num_workers=2, with_keys=True, shuffle_buffer=3, **SMALL)
+    epoch0, epoch1 = keys_of(loader), keys_of(loader)
+    assert sorted(epoch0) == sorted(epoch1) == sorted(shards['keys']) and epoch0 != epoch1
+    assert loader.counts()['ok'] == 2 * len(shards['keys'])                     # counts accumulate over epochs
+    again = make_train_loader(shards['urls'], batch_size=1, num_workers=2, with_keys=True, shuffle_buffer=3, **SMALL)
+    again.set_epoch(1)
+    assert keys_of(again) == epoch1                                             # seed + epoch fix the order
+
+
+def test_ranks_and_workers_split_the_shards(shards):
+    parts = [keys_of(make_train_loader(shards['urls'], batch_size=1, num_workers=2, rank=r, world_size=2, with_keys=True, **SMALL))
+             for r in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(shards['keys'])
+
+
+def test_resampled_epochs_have_exact_length(shards):
+    lengths = []
+    for rank in range(2):
+        loader = make_train_loader(shards['urls'], batch_size=4, num_workers=2, resampled=True, num_samples=30, shuffle_buffer=8,
+                                   rank=rank, world_size=2, **SMALL)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 4                                # ceil(30 / (2 ranks * 2 workers * 4)) = 2 per worker
+        lengths.append(len(batches))
+    assert lengths[0] == lengths[1]
+    with pytest.raises(ValueError, match='num_samples'): make_train_loader(shards['urls'], resampled=True)
+
+
+def test_pipeline_is_caption_pool_then_sampling_then_tokenizer():
+    raw = {'jpg': photo(3, (300, 200)), 'json': json.dumps(record(3)).encode()}
+    torch.manual_seed(0)
+    pixels, tokens = make_pipeline(64, num_captions=8)(raw, random.Random(5))
+    texts = sample_subcaptions(caption_pool(record(3)), 8, 3, random.Random(5))
+    assert torch.equal(tokens, get_tokenizer()(texts))                           # (8, 77)
+    torch.manual_seed(0)
+    assert torch.equal(pixels, image_transform(64, is_train=True)(Image.open(io.BytesIO(raw['jpg']))))
+
+
+def test_only_skips_raise(tmp_path):
+    write_shard(tmp_path / 'junk.tar', [{'__key__': f'{i}', 'jpg': b'x', 'json': record(i)} for i in range(5)])
+    stream = ShardStream(str(tmp_path / 'junk.tar'), make_pipeline(32), max_consecutive_skips=5, log_first=0)
+    with pytest.raises(RuntimeError, match='5 samples in a row'): list(stream)
+
+
+def dreamlip_csv(path, urls):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['Image Path', *DREAMLIP_FIELDS])
+        for url in urls:
+            writer.writerow([url, 'alt text', 'a "short" one, with a comma', 'Long one.\nSecond line.</s>Third', 'sv', 'SV long. Two',
+                             'lla', 'LLA long'])
+
+
+def test_hub_path_offline(tmp_path):
+    for j in range(2):
+        write_shard(tmp_path / f'cc3m-train-{j:04d}.tar', [
+            {'__key__': f'{i:09d}', 'jpg': photo(i), 'txt': f'alt {i}',
+             'json': {'caption': f'alt {i}', 'url': f'https://img/{i}.jpg', 'key': f'{i:09d}', 'status': 'success'}}
+            for i in range(4 * j, 4 * j + 4)])
+    dreamlip_csv(tmp_path / 'captions.csv', [f'https://img/{i}.jpg' for i in [0, 1, 2, 3, 4, 5, 6, 99]])   # none for image 7
+    options = dict(image_shards=str(tmp_path / 'cc3m-train-{0000..0001}.tar'), captions_csv=str(tmp_path / 'captions.csv'),
+                   progress=False)
+    loader = make_train_loader('cc3m-recap', hub_dir=str(tmp_path / 'recap'), hub_options=options, batch_size=1, num_workers=0,
+                               with_keys=True, **SMALL)
+    assert sorted(keys_of(loader)) == [f'{i:09d}' for i in range(7)]
+    manifest = json.loads((tmp_path / 'recap' / 'recap.json').read_text())
+    assert manifest['samples'] == 7 and manifest['dropped'] == 1
+    sample = json.loads(next(tar_samples(manifest['shards'][0]))['json'])
+    assert sample['longIB_captions'] == ['Long one', 'Second line', 'Third'] and 'caption' not in sample
+    assert sample['shortIB_captions'] == ['a "short" one, with a comma'] and sample['url'] == 'https://img/0.jpg'
+
+
+def test_table_sources(tmp_path):
+    folder = tmp_path / 'folder'; folder.mkdir()
+    rows = [(f'{i}.jpg', photo(i), f'A photo {i}. Of a square.') for i in range(5)] + [('bad.jpg', b'\xff\xd8 no', 'x'), ('empty.jpg', photo(), '')]
+    for name, data, _ in rows: (folder / name).write_bytes(data)
+    with open(folder / 'metadata.csv', 'w', newline='') as f:
+        writer = csv.writer(f); writer.writerow(['file_name', 'long_caption']); writer.writerows((n, c) for n, _, c in rows)
+    table = load_table(folder, cache_dir=str(tmp_path / 'cache'))
+    loader = make_train_loader(table, batch_size=2, num_workers=2, caption_column='long_caption', **SMALL)
+    assert sum(len(images) for images, _ in loader) == 4                        # 5 good rows, per-worker drop_last
+    assert loader.skipped()['corrupt_image'] == 1 and loader.skipped()['no_caption'] == 1     # an empty CSV cell is a missing value
+    import pandas as pd
+    frame = pd.DataFrame({'image': [{'bytes': photo(i), 'path': f'{i}.jpg'} for i in range(3)] + [None],
+                          'longSV_captions': [['one', 'two']] * 3 + [['three']], 'raw_caption': ['r', None, 'r', 'r']})
+    frame.to_parquet(tmp_path / 'pairs.parquet')
+    loader = make_train_loader(str(tmp_path / 'pairs.parquet'), batch_size=1, num_workers=0, **SMALL)
+    assert len(list(loader)) == 3 and loader.skipped()['no_image'] == 1
+    with pytest.raises(ValueError, match='no caption column'): TableStream(table, make_pipeline(32))
+
+
+def test_every_source_gives_the_same_batches(shards, tmp_path):
+    frame_dir = tmp_path / 'parquet'; frame_dir.mkdir()
+    import pandas as pd
+    pd.DataFrame({'image': [{'bytes': photo(i), 'path': None} for i in range(4)], 'caption': ['A square. Red.'] * 4}) \
+        .to_parquet(frame_dir / 'part.parquet')
+    for source in [shards['urls'], str(frame_dir)]:
+        images, texts = next(iter(make_train_loader(source, batch_size=2, num_workers=0, draft=True, **SMALL)))
+        assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+        assert texts.shape == (2, 4, 16) and texts.dtype == torch.long
+
+
+def test_sources_and_urls(shards):
+    assert source_kind(shards['urls']) == source_kind(shards['dir']) == 'shards'
+    assert source_kind('cc3m-recap') == 'hub' and source_kind('x.parquet') == 'table'
+    assert len(expand_urls(str(shards['dir'] / 'part-*.tar'))) == 5
+    assert expand_urls('a-{08..10}.tar::b.tar') == ['a-08.tar', 'a-09.tar', 'a-10.tar', 'b.tar']
+    with pytest.raises(TypeError, match='unknown DataConfig fields'): make_train_loader(shards['urls'], num_captons=3)
+    assert DataConfig().num_captions == 8 and DataConfig().batch_size == 128
+
+
+@pytest.mark.skipif(not (TOY / 'bad-samples.tar').exists(), reason='the toy world has not written data/toy yet')
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_toy_world(num_workers):
+    loader = make_train_loader(str(TOY / 'toy-train-*.tar'), batch_size=4, num_workers=num_workers, image_size=64, seed=0)
+    images, texts = next(iter(loader))
+    assert images.shape == (4, 3, 64, 64) and texts.shape == (4, 8, 77)
+    bad = make_train_loader(str(TOY / 'bad-samples.tar'), batch_size=1, num_workers=num_workers, **SMALL)
+    kept = len(list(bad))
+    assert kept >= 1
+    assert {k: v for k, v in bad.skipped().items() if v} == {k: 1 for k in ('no_image', 'corrupt_image', 'bad_json',
+                                                                            'no_caption', 'empty_caption')}
