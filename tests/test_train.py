@@ -1,0 +1,182 @@
+"""Properties of the training loop (nbs/05_train.ipynb) beyond the notebook's own checks: exact accumulation
+through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
+failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
+processes against one, and the `flair-min train` entry point on toy-world shards."""
+import argparse, math, socket, time, warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from flair_min.model import FLAIR, FlairConfig
+from flair_min import train as T
+from ddp_train_worker import RUNS, global_batches, train_run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "The tiny model is fastest on one thread when the machine's two cores are shared."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_trainer(**knobs):
+    torch.manual_seed(knobs.pop('init_seed', 0))
+    return T.Trainer(FLAIR(FlairConfig.tiny()), T.TrainConfig(**{'steps': 4, 'warmup': 1, 'lr': 1e-3, 'progress': False, **knobs}))
+
+
+class Captioned(Dataset):
+    "Random images with K token rows drawn per item from a pool of 5, using the global generator (data randomness)."
+    def __init__(self, n=10, k=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.images, self.pool, self.k = torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 1000, (n, 5, 16), generator=g), k
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i):
+        return self.images[i] + 0.1 * torch.randn(3, 32, 32), self.pool[i, torch.randint(0, 5, (self.k,))]
+
+
+def test_param_groups_follow_the_official_rule():
+    model = FLAIR(FlairConfig.tiny())
+    no_decay, decay = T.param_groups(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in decay['params']:
+        assert p.ndim >= 2 and not any(s in names[id(p)] for s in ('ln', 'bias', 'logit_scale'))
+    for p in no_decay['params']:
+        assert p.ndim < 2 or any(s in names[id(p)] for s in ('ln', 'bias', 'logit_scale'))
+    assert (no_decay['weight_decay'], decay['weight_decay']) == (0.0, 0.5)
+    assert len(no_decay['params']) + len(decay['params']) == len(list(model.parameters()))
+
+
+def test_schedule_is_warmup_then_cosine():
+    trainer = tiny_trainer(steps=20, warmup=5, lr=2.0)
+    lrs = []
+    for _ in range(20):
+        lrs.append(trainer.optimizer.param_groups[1]['lr']); trainer.optimizer.step(); trainer.scheduler.step()
+    expected = [2.0 * (s + 1) / 5 if s < 5 else 1.0 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in range(20)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_accumulation_equals_one_big_step_through_the_optimizer():
+    # eps=1e-4: some gradients are zero in exact arithmetic (a key bias cannot change a softmax), and with the
+    # recipe's eps=1e-8 Adam would turn their round-off into full-size updates of random sign
+    batches = global_batches(steps=2, batch_size=4, num_captions=3)
+    big, small = tiny_trainer(steps=2, eps=1e-4), tiny_trainer(steps=2, accum_steps=2, eps=1e-4)
+    h_big = big.fit(batches)
+    h_small = small.fit([(im[s], tx[s]) for im, tx in batches for s in (slice(0, 2), slice(2, 4))])
+    assert h_small['loss'] == pytest.approx(h_big['loss'], abs=1e-5)
+    for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_resume_is_exact_with_accumulation_across_epochs(tmp_path):
+    loader = lambda: DataLoader(Captioned(n=10), batch_size=2, shuffle=True, drop_last=True)  # 5 batches per epoch
+    straight = tiny_trainer(steps=5, accum_steps=2).fit(loader())                               # 10 batches: 2 epochs
+    tiny_trainer(steps=5, accum_steps=2, out_dir=str(tmp_path), save_every=1, keep_checkpoints=True).fit(loader(), until=2)
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert (checkpoint['step'], checkpoint['epoch'], checkpoint['batch']) == (2, 0, 4)
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['latest.pt', 'step_00000001.pt', 'step_00000002.pt']
+    resumed = tiny_trainer(steps=5, accum_steps=2, out_dir=str(tmp_path), resume='latest', init_seed=7).fit(loader())
+    assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
+    assert resumed['lr'] == straight['lr']
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    trainer = tiny_trainer(out_dir=str(tmp_path))
+    trainer.fit(global_batches(steps=1), until=1)
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    before = latest.read_bytes()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b'PK\x03\x04 half a checkpoint'); raise OSError('No space left on device')
+    monkeypatch.setattr(T.torch, 'save', dies_half_way)
+    trainer.step += 1
+    with pytest.raises(OSError, match='No space left'): trainer.save()
+    assert latest.read_bytes() == before
+    assert [p.name for p in latest.parent.iterdir()] == ['latest.pt']     # no temporary file left behind
+    assert torch.load(latest, weights_only=True)['step'] == 1
+
+
+def test_checkpoint_loads_with_the_released_weights_loader(tmp_path):
+    from flair_min.pretrained import create_model_and_transforms, read_checkpoint
+    trainer = tiny_trainer(out_dir=str(tmp_path))
+    trainer.fit(global_batches(steps=1), until=1)
+    path = tmp_path / 'checkpoints' / 'latest.pt'
+    assert set(read_checkpoint(path)) == set(trainer.model.state_dict())        # weights_only=True, module. stripped
+    model, _, _ = create_model_and_transforms('tiny', pretrained=path)
+    for (name, p), q in zip(trainer.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), name
+    assert FLAIR.from_state_dict(torch.load(path, weights_only=True)).config == FlairConfig.tiny()
+
+
+def test_cpu_trains_in_fp32_even_when_mixed_precision_is_asked():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        trainer = tiny_trainer(precision='amp_bf16')
+    assert trainer.precision == 'fp32' and not trainer.scaler.is_enabled()
+    assert any('fp32 instead' in str(w.message) for w in caught)
+    assert isinstance(T.autocast(trainer.precision, trainer.device), type(T.contextlib.nullcontext()))
+
+
+def test_mps_baseline_never_touches_the_pooling_layer():
+    trainer = tiny_trainer(loss='mps', steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith('visual_proj.')}
+    history = trainer.fit(global_batches(steps=2))
+    assert len(history['loss']) == 2 and all(math.isfinite(l) for l in history['loss'])
+    for n, p in trainer.model.named_parameters():
+        if n.startswith('visual_proj.'): assert torch.equal(p, before[n]), n
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith('torch.utils.tensorboard'): raise ImportError('No module named tensorboard')
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, '__import__', no_tensorboard)
+    with pytest.warns(UserWarning, match='tensorboard is not installed'):
+        history = tiny_trainer(steps=1, out_dir=str(tmp_path), tensorboard=True, progress=True).fit(global_batches(steps=1))
+    assert len(history['loss']) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    "Two gloo processes (forked: no second import of torch) against one process on the concatenated batches."
+    import ddp_train_worker
+    context, port = torch.multiprocessing.get_context('fork'), free_port()
+    workers = [context.Process(target=ddp_train_worker.spawned, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for w in workers: w.start()
+    try:
+        deadline = time.monotonic() + 120
+        for w in workers: w.join(timeout=max(1, deadline - time.monotonic()))
+        assert not any(w.is_alive() for w in workers), 'the two DDP processes did not finish in 120 s'
+        assert [w.exitcode for w in workers] == [0, 0], f'exit codes {[w.exitcode for w in workers]}: see the traceback above'
+    finally:
+        for w in workers:
+            if w.is_alive(): w.kill(); w.join()
+    ddp = torch.load(tmp_path / 'ddp.pt', weights_only=True)
+    assert ddp['world'] == 2
+    batches = global_batches()
+    for name, knobs in RUNS.items():
+        losses, weights = train_run(batches, **{**knobs, 'accum_steps': 1})   # one process, whole batches, no accumulation
+        assert ddp[name][0] == pytest.approx(losses, abs=1e-5), name
+        for key, value in weights.items(): torch.testing.assert_close(ddp[name][1][key], value, atol=2e-5, rtol=1e-4, msg=f'{name} {key}')
+
+
+def test_run_train_on_toy_shards(tmp_path):
+    parser = T.add_train_arguments(argparse.ArgumentParser())
+    argv = ['--data', 'toy', '--toy-samples', '16', '--model', '{"preset": "tiny", "vocab_size": 49408}', '--batch-size', '2',
+            '--num-captions', '3', '--workers', '0', '--steps', '2', '--warmup', '1', '--accum-steps', '2', '--loss', 'mps',
+            '--out', str(tmp_path), '--no-progress', '--save-every', '1', '--keep-checkpoints']
+    history = T.run_train(parser.parse_args(argv))
+    assert len(history['loss']) == 2 and all(math.isfinite(l) for l in history['loss'])
+    names = {p.name for p in tmp_path.iterdir()} | {p.name for p in (tmp_path / 'checkpoints').iterdir()}
+    assert {'history.json', 'loss_curve.png', 'latest.pt', 'step_00000001.pt', 'step_00000002.pt'} <= names
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert checkpoint['args']['loss'] == 'mps' and checkpoint['config']['vocab_size'] == 49408
+    with pytest.raises(ValueError, match='--epochs'): T.total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
