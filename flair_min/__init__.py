@@ -13,6 +13,7 @@ from .captions import (split_caption, caption_pool, sample_subcaptions, sample_s
 from .model import (FLAIR, FlairConfig, image_transform, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
                     load_state_dict_strict, StateDictMismatchError, unwrap_state_dict)
 from .losses import FlairLoss, flair_loss
-from .train import train, Trainer, TrainConfig, MultiPositiveLoss, make_loss, plot_history, save_checkpoint, init_distributed
+# (the `train` function stays in `flair_min.train`: re-exporting it here would shadow the module of that name)
+from .train import Trainer, TrainConfig, MultiPositiveLoss, make_loss, plot_history, save_checkpoint, init_distributed
 from .pretrained import (create_model_and_transforms, create_model, download_weights_from_hf, load_checkpoint,
                          read_checkpoint, PRETRAINED_FILES)
