@@ -1,0 +1,121 @@
+"""Retrieval scoring and metrics: parity with the official numbers in flair_tiny.pt, the fast path
+against the official per-image loop on random pooling layers, and the ranking rules against a
+sort-based re-implementation of the official `compute_retrieval`."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from flair_min.model import FLAIR, TextConditionedPooling
+from flair_min.retrieval import (MODES, OUTSIDE_TOPK, image_to_text_ranks, per_image_scores, pooling_weights,
+                                 prepare_texts, retrieval_metrics, retrieval_scores, score_embeddings,
+                                 text_to_image_ranks, topk_scores)
+
+
+@pytest.fixture(scope='module')
+def tiny(flair_tiny):
+    return FLAIR.from_state_dict(flair_tiny['state_dict']).eval()
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_scores_and_metrics_match_official(tiny, flair_tiny, mode):
+    images, texts, txt2img = flair_tiny['retrieval.images'], flair_tiny['retrieval.texts'], flair_tiny['retrieval.txt2img']
+    loader = DataLoader(TensorDataset(images, torch.arange(8)), batch_size=3)          # yields (images, ids) pairs
+    scores = retrieval_scores(tiny, loader, texts, mode, topk=flair_tiny['retrieval.topk'], text_batch_size=5, chunk_size=11)
+    if mode == 'topk':
+        idx = flair_tiny['retrieval.topk_indices']
+        torch.testing.assert_close(scores.gather(1, idx), flair_tiny['retrieval.scores_topk'], atol=1e-5, rtol=0)
+        outside = torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, False)
+        assert (scores[outside] == OUTSIDE_TOPK).all()
+    else:
+        torch.testing.assert_close(scores, flair_tiny[f'retrieval.scores_{mode}'], atol=1e-5, rtol=0)
+    ours, official = retrieval_metrics(scores, txt2img), flair_tiny[f'retrieval.metrics_{mode}']
+    assert list(ours) == list(official)
+    for key, value in official.items(): assert ours[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_topk_indices_match_official(tiny, flair_tiny):
+    with torch.no_grad():
+        global_emb, local = tiny.embed_image(flair_tiny['retrieval.images'])
+        weights = pooling_weights(tiny.visual_proj)
+        texts = prepare_texts(tiny.embed_text(flair_tiny['retrieval.texts']), weights)
+    scores, idx = topk_scores(global_emb, local, texts, weights, tiny.logit_scale.exp(), k=4)
+    assert torch.equal(idx, flair_tiny['retrieval.topk_indices'])
+
+
+def random_pool(D=64, seed=0):
+    torch.manual_seed(seed)
+    pool = TextConditionedPooling(D, 8).eval()
+    for p in pool.parameters(): torch.nn.init.normal_(p, std=0.2)   # LayerNorm gains and biases too
+    return pool
+
+
+@pytest.mark.parametrize('chunk_size', [3, 100, 10_000])
+@pytest.mark.parametrize('mode,topk', [('flair', 0), ('topk', 1), ('topk', 6), ('topk', 37), ('global', 0)])
+def test_fast_path_equals_per_image_loop(mode, topk, chunk_size):
+    pool, (B, L, N, D) = random_pool(), (5, 49, 37, 64)
+    g = torch.Generator().manual_seed(1)
+    text_emb, global_emb, local = (torch.randn(*s, generator=g) for s in ((N, D), (B, D), (B, L, D)))
+    expected = per_image_scores(text_emb, global_emb, local, pool, 3.0, mode, topk or 1)
+    got = score_embeddings(global_emb, local, text_emb, pool, 3.0, mode, topk or 1, chunk_size)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_topk_with_every_text_is_flair_mode():
+    pool, g = random_pool(seed=3), torch.Generator().manual_seed(2)
+    text_emb, global_emb, local = torch.randn(9, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(4, 10, 64, generator=g)
+    flair = score_embeddings(global_emb, local, text_emb, pool, 1.0, 'flair')
+    torch.testing.assert_close(score_embeddings(global_emb, local, text_emb, pool, 1.0, 'topk', topk=500), flair)
+
+
+def official_metrics(scores, txt2img):
+    "The official compute_retrieval, written with a stable argsort (ties: lower index first)."
+    img2txt = {}
+    for t, i in enumerate(txt2img.tolist()): img2txt.setdefault(i, []).append(t)
+    t2i = torch.tensor([float(torch.where(torch.argsort(s, descending=True, stable=True) == txt2img[t])[0][0])
+                        for t, s in enumerate(scores.t())])
+    i2t = torch.tensor([float(min(torch.where(torch.argsort(s, descending=True, stable=True) == t)[0][0] for t in img2txt[i]))
+                        for i, s in enumerate(scores)])
+    out = {}
+    for name, ranks in (('text_to_image', t2i), ('image_to_text', i2t)):
+        for k in (1, 5, 10): out[f'{name}_R@{k}'] = (ranks < k).double().mean().item()
+        out[f'{name}_mean_rank'] = ranks.double().mean().item() + 1
+        out[f'{name}_median_rank'] = math.floor(ranks.double().quantile(0.5).item()) + 1
+    return out, t2i.long(), i2t.long()
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_ranks_match_sort_based_official_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    M, N = 7, 23
+    txt2img = torch.cat([torch.arange(M), torch.randint(0, M, (N - M,), generator=g)])[torch.randperm(N, generator=g)]
+    scores = torch.randint(0, 4, (M, N), generator=g).float()          # few distinct values: many ties
+    expected, t2i, i2t = official_metrics(scores, txt2img)
+    assert torch.equal(text_to_image_ranks(scores, txt2img, chunk=5), t2i)
+    assert torch.equal(image_to_text_ranks(scores, txt2img, chunk=3), i2t)
+    got = retrieval_metrics(scores, txt2img)
+    for key in expected: assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_metrics_on_perfect_and_reversed_scores():
+    txt2img = torch.tensor([0, 0, 1, 2, 2, 2])
+    perfect = F.one_hot(txt2img, 3).float().t()                         # (3, 6): own pairs 1, others 0
+    m = retrieval_metrics(perfect, txt2img)
+    assert m['text_to_image_R@1'] == m['image_to_text_R@1'] == 1.0
+    assert m['text_to_image_mean_rank'] == m['image_to_text_median_rank'] == 1.0
+    m = retrieval_metrics(-perfect, txt2img)                            # own pairs last
+    assert m['text_to_image_R@1'] == 0.0 and m['text_to_image_mean_rank'] == 3.0
+    # each image's own texts score -1, all others 0: its best own text sits behind every other text
+    assert image_to_text_ranks(-perfect, txt2img).tolist() == [4, 5, 3]
+
+
+def test_bad_inputs_raise_clear_errors(tiny, flair_tiny):
+    images, texts = flair_tiny['retrieval.images'], flair_tiny['retrieval.texts']
+    with pytest.raises(ValueError, match="expected one of"): retrieval_scores(tiny, [images], texts, 'local')
+    with pytest.raises(ValueError, match='topk=0'): retrieval_scores(tiny, [images], texts, 'topk', topk=0)
+    with pytest.raises(ValueError, match='chunk_size=0'): retrieval_scores(tiny, [images], texts, chunk_size=0)
+    with pytest.raises(ValueError, match='token ids'): retrieval_scores(tiny, [images], texts[0])
+    with pytest.raises(ValueError, match='CUDA'): retrieval_scores(tiny, [images], texts, amp=True)
+    with pytest.raises(ValueError, match='13 integer image indices'): retrieval_metrics(torch.zeros(8, 13), torch.zeros(12, dtype=torch.long))
