@@ -235,7 +235,6 @@ def _median_floor(ranks: torch.Tensor) -> int:
 
 def retrieval_metrics(scores: torch.Tensor, txt2img) -> dict:
     "The official retrieval metrics: R@1/5/10 (fractions), mean and median rank (1-based), both directions."
-    scores = scores.float()
     out = {}
     for direction, ranks in (('text_to_image', text_to_image_ranks(scores, txt2img)),
                              ('image_to_text', image_to_text_ranks(scores, txt2img))):
