@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SKIP_KINDS', 'COUNT_KINDS', 'CC3M_WDS_REPO', 'CC3M_WDS_SHARDS', 'CC3M_WDS_SAMPLES',
            'DREAMLIP_CC3M_CSV', 'DREAMLIP_URL_COLUMN', 'HUB_SOURCES', 'SkipSample', 'members', 'raw_record', 'is_blank',
-           'sentence_pool', 'raw_image', 'SamplePipeline', 'make_pipeline', 'SampleCounter', 'skip_report',
+           'sentence_pool', 'raw_image', 'seeded', 'SamplePipeline', 'make_pipeline', 'SampleCounter', 'skip_report',
            'expand_braces', 'glob_url', 'expand_urls', 'open_stream', 'split_member_name', 'TailReader',
            'check_complete', 'tar_samples', 'encode_member', 'write_shard', 'shuffled', 'Split', 'distributed_rank',
            'current_split', 'StreamBase', 'TrainStream', 'ShardStream', 'caption_columns', 'image_cell_bytes',
@@ -92,6 +92,12 @@ def raw_image(raw: dict, draft_size: int | None = None) -> Image.Image:
     return image
 
 # %% ../nbs/04_data.ipynb #04926778
+def seeded(fn: Callable, seed: int, *args):
+    "`fn(*args)` with torch's CPU generator seeded by `seed`; torch's global random state is left as it was."
+    with torch.random.fork_rng(devices=[]):                             # saves and restores the CPU generator only
+        torch.default_generator.manual_seed(seed)                       # not torch.manual_seed, which also seeds CUDA
+        return fn(*args)
+
 @dataclass
 class SamplePipeline:
     "A raw sample → (image (3, H, W), token rows (K, context_length)): FLAIR's training input for one image."
@@ -106,7 +112,7 @@ class SamplePipeline:
         if raw.get('__skip__'): raise SkipSample(*raw['__skip__'])          # a reader's own failure (a bad shard)
         pool = sentence_pool(raw_record(raw))
         image = raw_image(raw, self.draft_size)
-        try: pixels = self.transform(image)                                    # (3, H, W)
+        try: pixels = seeded(self.transform, rng.getrandbits(63), image)      # (3, H, W); the crop's randomness from rng
         except Exception as e: raise SkipSample('corrupt_image', f'transform failed: {type(e).__name__}: {e}') from None
         texts = sample_subcaptions(pool, self.num_captions, self.max_merged, rng)
         kwargs = {} if self.context_length is None else {'context_length': self.context_length}
@@ -549,7 +555,7 @@ class DataConfig:
     shuffle_buffer: int = 2000         # samples each worker holds to shuffle a shard stream
     resampled: bool = False            # draw shards / rows with replacement, forever; needs num_samples
     num_samples: int | None = None     # samples per epoch over all ranks; None: one pass over the data
-    seed: int | None = None            # seeds the data order and sub-caption draws; None: fresh each run
+    seed: int | None = None            # seeds the data order, sub-caption draws and crops; None: fresh each run
     draft: bool = False                # decode JPEGs at reduced size (PIL draft mode): faster, slightly softer
     caption_column: str | None = None  # tables: the caption column (default: DreamLIP fields, 'caption' or 'text')
     image_column: str = 'image'        # tables: the image column

@@ -116,12 +116,31 @@ def test_resampled_epochs_have_exact_length(shards):
 
 def test_pipeline_is_caption_pool_then_sampling_then_tokenizer():
     raw = {'jpg': photo(3, (300, 200)), 'json': json.dumps(record(3)).encode()}
-    torch.manual_seed(0)
     pixels, tokens = make_pipeline(64, num_captions=8)(raw, random.Random(5))
-    texts = sample_subcaptions(caption_pool(record(3)), 8, 3, random.Random(5))
+    rng = random.Random(5)
+    seed = rng.getrandbits(63)                                                   # first the crop's seed, then the sub-captions
+    texts = sample_subcaptions(caption_pool(record(3)), 8, 3, rng)
     assert torch.equal(tokens, get_tokenizer()(texts))                           # (8, 77)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     assert torch.equal(pixels, image_transform(64, is_train=True)(Image.open(io.BytesIO(raw['jpg']))))
+
+
+def test_crops_are_a_function_of_seed_and_epoch_and_leave_torch_alone(shards):
+    pipeline = make_pipeline(32, num_captions=2, context_length=16)             # FLAIR's random resized crop, scale (0.9, 1)
+    def pixels(seed, epoch, torch_seed):
+        torch.manual_seed(torch_seed)                                            # the global generator must not matter
+        stream = ShardStream(str(shards['dir'] / 'full-4.tar'), pipeline, seed=seed, shuffle_buffer=3, with_keys=True)
+        stream.set_epoch(epoch)
+        return {key: image for image, _, key in stream}                          # key -> (3, 32, 32)
+    first = pixels(0, 1, torch_seed=1)
+    assert len(first) == 6
+    for key, image in pixels(0, 1, torch_seed=2).items(): assert torch.equal(image, first[key]), key
+    assert any(not torch.equal(image, first[key]) for key, image in pixels(0, 2, torch_seed=1).items())     # another epoch
+    assert any(not torch.equal(image, first[key]) for key, image in pixels(None, 1, torch_seed=1).items())  # fresh entropy
+    raw = {'jpg': photo(3, (300, 200)), 'json': json.dumps(record(3)).encode()}
+    state = torch.get_rng_state()
+    pipeline(raw, random.Random(0))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_only_skips_raise(tmp_path):

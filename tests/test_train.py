@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from conftest import ROOT
+from flair_min.data import make_train_loader
 from flair_min.model import FLAIR, FlairConfig
 from flair_min import train as T
 from ddp_train_worker import RUNS, global_batches, train_run
@@ -180,3 +182,20 @@ def test_run_train_on_toy_shards(tmp_path):
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['args']['loss'] == 'mps' and checkpoint['config']['vocab_size'] == 49408
     with pytest.raises(ValueError, match='--epochs'): T.total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
+
+
+@pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(), reason='the toy world has not written data/toy yet')
+def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
+    "Stopped in epoch 1 and resumed: persistent workers have drawn epoch 0's crops, fresh ones have not; the curve is the same."
+    def run(until=None, **knobs):
+        loader = make_train_loader(str(ROOT / 'data' / 'toy' / 'toy-train-*.tar'), batch_size=4, num_workers=2, image_size=32,
+                                   context_length=16, num_captions=3, shuffle_buffer=4, seed=0)   # 2 shards x 12: 6 batches an epoch
+        assert loader.persistent_workers and loader.dataset.pipeline.transform.transforms[0].scale == (0.9, 1.0)
+        torch.manual_seed(knobs.pop('init_seed', 0))
+        model = FLAIR(FlairConfig(**{**vars(FlairConfig.tiny()), 'vocab_size': 49408}))
+        return T.Trainer(model, T.TrainConfig(steps=9, warmup=1, lr=1e-3, progress=False, **knobs)).fit(loader, until=until)
+    straight = run()
+    run(until=8, out_dir=str(tmp_path))                                            # stops at batch 2 of epoch 1
+    assert torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)['epoch'] == 1
+    resumed = run(out_dir=str(tmp_path), resume='latest', init_seed=7)
+    assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
