@@ -17,7 +17,9 @@ from .losses import FlairLoss, flair_loss
 from .train import Trainer, TrainConfig, MultiPositiveLoss, make_loss, plot_history, save_checkpoint, init_distributed
 from .pretrained import (create_model_and_transforms, create_model, download_weights_from_hf, load_checkpoint,
                          read_checkpoint, PRETRAINED_FILES)
-from .data import DataConfig, make_train_loader
+from .data import DataConfig, make_train_loader, seeded
 from .toyworld import ToyWorldConfig, make_scene, write_shards, make_eval_split, load_eval_split
 from .retrieval import retrieval_scores, retrieval_metrics
 from .benchmarks import read_benchmark
+from .colab import (GpuPreset, PRESETS, choose_preset, measure_train_step, measure_grid, measurement_table,
+                    scale_throughput, train_small, read_pairs, evaluate_retrieval, retrieval_hook)
