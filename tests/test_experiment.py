@@ -124,3 +124,73 @@ def test_localization_maps():
     assert similarity.abs().max() <= 1 + 1e-5
     with pytest.raises(ValueError, match="expected 'attention' or 'similarity'"):
         localization_maps(model, images, ids, txt2img, 'saliency')
+
+
+def test_diagnostics_in_results_and_table(small_run):
+    out, results = small_run
+    attributes = {'shape', 'colour', 'size', 'position'}
+    for model in ('flair', 'baseline', 'untrained'):
+        for section in ('image_probe', 'text_swap_cosine'):
+            assert set(results[model][section]) == attributes, (model, section)
+    for model in ('flair', 'baseline'):
+        assert set(results[model]['attributes']) == attributes
+        assert all(0 <= v <= 1 for v in [*results[model]['attributes'].values(), *results[model]['image_probe'].values()])
+    table = (out / 'table.txt').read_text()
+    for label in ('attribute swap shape', 'image probe position', 'text swap cosine colour', 'untrained towers'):
+        assert label in table
+
+
+@pytest.mark.parametrize('attribute', ['shape', 'colour', 'size', 'position'])
+def test_swapped_sentences_change_one_attribute_and_are_false(attribute):
+    from flair_min.experiment import ATTRIBUTES, swapped_sentences
+    split = make_eval_split(12, seed=5)
+    keep, swapped = swapped_sentences(split, attribute, seed=1)
+    assert len(keep) == int((split['sentence_object'] >= 0).sum())
+    column = ATTRIBUTES.index(attribute)
+    names = [split[f'{a}_names'] for a in ATTRIBUTES]
+    for s, text in zip(keep, swapped):
+        true_words = set(str(split['sentences'][s]).split()); new_words = set(text.split())
+        assert true_words != new_words
+        changed_name = [str(n) for n in names[column] if str(n) in text and str(n) not in str(split['sentences'][s])]
+        assert changed_name, (split['sentences'][s], text)          # the new value of that attribute appears
+        own = split['sentences'][split['sentence_image'] == split['sentence_image'][s]]
+        assert text not in own                                       # and the swap is false of the image
+
+
+def test_linear_probe_separates_signal_from_noise():
+    from flair_min.experiment import linear_probe
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 16, generator=g)
+    y = torch.argmax(x[:, :5], dim=1)                                 # five classes, linear in x
+    assert linear_probe(x, y) > 0.85
+    assert linear_probe(torch.randn(600, 16, generator=g), y) < 0.35   # chance 0.2
+
+
+def test_object_tokens_average_the_covered_patches():
+    from flair_min.experiment import object_tokens
+    from flair_min.toyworld import patch_coverage
+    split = make_eval_split(4, seed=2)
+    torch.manual_seed(0); model = FLAIR(demo_model_config(DemoConfig(width=64, embed_dim=32))).eval()
+    from flair_min.experiment import eval_images
+    images = eval_images(split)
+    tokens, attributes = object_tokens(model, images, split)
+    keep = np.flatnonzero(split['sentence_object'] >= 0)
+    assert tokens.shape == (len(keep), 32) and attributes.shape == (len(keep), 4)
+    with torch.no_grad(): _, local = model.embed_image(images)
+    s = 0                                                            # the first object by a loop: weighted mean over its patches
+    cover = patch_coverage(split['masks'][keep[s]][None], 8)[0].reshape(-1)
+    expected = (torch.as_tensor(cover, dtype=torch.float32)[:, None] * local[int(split['sentence_image'][keep[s]])]).sum(0) / cover.sum()
+    assert torch.allclose(tokens[s], expected, atol=1e-5)
+
+
+def test_text_swap_similarity_against_a_loop():
+    from flair_min.experiment import swapped_sentences, text_swap_similarity
+    split = make_eval_split(4, seed=2)
+    torch.manual_seed(0); model = FLAIR(demo_model_config(DemoConfig(width=64, embed_dim=32))).eval()
+    sims = text_swap_similarity(model, split, seed=4)
+    keep, swapped = swapped_sentences(split, 'colour', seed=4)
+    with torch.no_grad():
+        cosines = [torch.nn.functional.cosine_similarity(model.embed_text(tokenize_texts([str(split['sentences'][s])])),
+                                                         model.embed_text(tokenize_texts([t])))[0] for s, t in zip(keep, swapped)]
+    assert sims['colour'] == pytest.approx(float(torch.stack(cosines).mean()), abs=1e-5)
+    assert all(-1 <= v <= 1 for v in sims.values())
