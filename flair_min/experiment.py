@@ -318,12 +318,12 @@ def plot_losses(histories: dict, path=None, smooth: int = 10):
 
 def plot_metrics(results: dict, path=None):
     "Grouped bars: FLAIR and the baseline on every row of the table."
-    rows = table_rows(results)
-    fig, ax = _subplots(figsize=(9, 3.6))
-    x = np.arange(len(rows))
-    ax.bar(x - 0.2, [r[1] for r in rows], 0.4, label='FLAIR'); ax.bar(x + 0.2, [r[2] for r in rows], 0.4, label='baseline (mps)')
-    ax.set_xticks(x, [r[0].replace(' ', '\n', 1) for r in rows], fontsize=7); ax.set_ylim(0, 1); ax.legend()
-    ax.set_title('held-out toy images')
+    rows = table_rows(results)[::-1]                                  # the first row of the table on top
+    fig, ax = _subplots(figsize=(7, 0.28 * len(rows) + 1.2))
+    y = np.arange(len(rows))
+    ax.barh(y + 0.2, [r[1] for r in rows], 0.4, label='FLAIR'); ax.barh(y - 0.2, [r[2] for r in rows], 0.4, label='baseline (mps)')
+    ax.set_yticks(y, [r[0] for r in rows], fontsize=8); ax.set_xlim(0, 1); ax.legend(loc='upper right', fontsize=8)
+    ax.set_title('held-out toy images'); fig.tight_layout()
     return save_figure(fig, path)
 
 def plot_heatmaps(models: dict, images: torch.Tensor, split: dict, n: int = 6, path=None):
