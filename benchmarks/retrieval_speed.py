@@ -1,7 +1,7 @@
 """Speed and memory of flair_min's retrieval scoring against the official per-image loop, on the CPU.
 
     python benchmarks/retrieval_speed.py [--images 256] [--texts 5000] [--topk 128] [--repeats 3]
-                                         [--block 32] [--chunk-size 8192] [--threads T]
+                                         [--block 32] [--chunk-size 2048] [--threads T]
 
 Scores `images` × `texts` pairs at ViT-B/16 sizes (D = 512, L = 196 patch tokens) with a pooling
 layer of random weights, on precomputed embeddings, in FLAIR mode and in top-k mode, with the
@@ -20,7 +20,7 @@ import argparse, ctypes, time
 import torch
 
 from flair_min.model import TextConditionedPooling
-from flair_min.retrieval import per_image_scores, pooling_weights, prepare_texts, score_embeddings
+from flair_min.retrieval import DEFAULT_CHUNK_SIZE, per_image_scores, pooling_weights, prepare_texts, score_embeddings
 
 D, L, HEADS = 512, 196, 8
 
@@ -77,7 +77,7 @@ def main(argv=None):
     p.add_argument('--images', type=int, default=256); p.add_argument('--texts', type=int, default=5000)
     p.add_argument('--topk', type=int, default=128); p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--block', type=int, default=32, help='images per timed block (variants alternate block by block)')
-    p.add_argument('--chunk-size', type=int, default=8192); p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--chunk-size', type=int, default=DEFAULT_CHUNK_SIZE); p.add_argument('--threads', type=int, default=None)
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     return_freed_memory_to_the_os()
@@ -95,10 +95,10 @@ def main(argv=None):
     variants = {  # name: (mode, fast, fn(i, j) scoring images i..j-1)
         'flair, per-image loop': ('flair', False, lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'flair')),
         'flair, chunked': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair', chunk_size=args.chunk_size)),
-        'flair, chunked (chunk/4)': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair', chunk_size=args.chunk_size // 4)),
+        'flair, chunked (chunk×4)': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair', chunk_size=args.chunk_size * 4)),
         'top-k, per-image loop': ('topk', False, lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'topk', k)),
         'top-k, batched': ('topk', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size)),
-        'top-k, batched (chunk/4)': ('topk', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size // 4)),
+        'top-k, batched (chunk×4)': ('topk', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size * 4)),
     }
     outputs, memory = {}, {}
     for name, (*_, fn) in variants.items():                       # one untimed run each: warm-up, peak memory, outputs

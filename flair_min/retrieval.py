@@ -101,7 +101,7 @@ def pair_cosines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unit: torch.
     return (pooled * unit).sum(-1) / pooled.norm(dim=-1).clamp_min(1e-12)                  # (B, n), as F.normalize
 
 # %% ../nbs/06_retrieval.ipynb #f738fcb5
-DEFAULT_CHUNK_SIZE = 8192  # (image, text) pairs pooled at once: a few × 8192 × D floats of working memory
+DEFAULT_CHUNK_SIZE = 2048  # (image, text) pairs pooled at once: a few × 2048 × D floats of working memory; CPU-cache friendly
 
 def _check_chunk_size(chunk_size):
     if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f"chunk_size={chunk_size!r}: expected an integer >= 1")
