@@ -26,7 +26,7 @@ from .data import make_train_loader
 from .model import FLAIR, FlairConfig, image_transform
 from .retrieval import image_to_text_ranks, retrieval_metrics, retrieval_scores, text_to_image_ranks
 from .tokenizer import get_tokenizer
-from .toyworld import (ToyWorldConfig, load_eval_split, make_eval_split, patch_coverage, pointing_game,
+from .toyworld import (ToyObject, ToyWorldConfig, load_eval_split, make_eval_split, patch_coverage, pointing_game,
                        save_eval_split, write_shards)
 from .train import TrainConfig, plot_history, train
 
@@ -193,13 +193,13 @@ def localization_results(model: FLAIR, images: torch.Tensor, split: dict, kinds=
     out['pointing_game_chance'] = float((patch_coverage(masks, model.config.patch_size) > 0).mean())
     return out
 
-# %% ../nbs/09_toy_experiment.ipynb #3d64153e
+# %% ../nbs/09_toy_experiment.ipynb #074e1903
 ATTRIBUTES = ('shape', 'colour', 'size', 'position')  # the columns of the split's `attributes`
 
 def object_sentence(split: dict, shape: int, colour: int, size: int, position: int) -> str:
-    "The toy world's sentence for an object given its attribute indices."
-    return (f"A {split['size_names'][size]} {split['colour_names'][colour]} {split['shape_names'][shape]} "
-            f"{split['position_names'][position]}")
+    "The toy world's sentence (`ToyObject.sentence`) for an object given its attribute indices; the nuisances do not show."
+    names = (str(split[f'{a}_names'][i]) for a, i in zip(('shape', 'colour', 'size'), (shape, colour, size)))
+    return ToyObject(*names, cell=int(position), offset=(0.0, 0.0), tint=(0, 0, 0)).sentence
 
 def swapped_sentences(split: dict, attribute: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "For every object sentence, a copy with `attribute` swapped to a random other value that is false of its image."
@@ -219,25 +219,26 @@ def swapped_sentences(split: dict, attribute: str, seed: int = 0) -> tuple[np.nd
     return keep, np.array(swapped)
 
 @torch.no_grad()
-def pair_scores(model: FLAIR, images: torch.Tensor, texts: torch.Tensor, txt2img: torch.Tensor, mode: str) -> torch.Tensor:
-    "The score of each text with its own image only: (N,), FLAIR way or global way (e^s · cos, no bias)."
-    global_emb, local = model.embed_image(images)                             # (M, D), (M, L, D)
+def pair_scores(model: FLAIR, image_emb: tuple, texts: torch.Tensor, txt2img: torch.Tensor, mode: str) -> torch.Tensor:
+    "The score of each text with its own image only: (N,), FLAIR way or global way (e^s · cos, no bias); image_emb = model.embed_image(images)."
+    global_emb, local = image_emb                                             # (M, D), (M, L, D)
     text_emb = model.embed_text(texts)                                        # (N, D)
     image = global_emb[txt2img] if mode == 'global' else model.pool(text_emb[:, None], local[txt2img])[:, 0]  # (N, D)
     return model.logit_scale.exp() * F.cosine_similarity(image, text_emb, dim=-1)
 
+@torch.no_grad()
 def attribute_swap_accuracy(model: FLAIR, images: torch.Tensor, split: dict, mode: str, seed: int = 0) -> dict:
     "Per attribute: how often the true object sentence outscores its one-attribute swap on its own image."
+    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)   # every swap keeps these sentences
+    txt2img = torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
+    true = pair_scores(model, image_emb, tokenize_texts(split['sentences'][keep]), txt2img, mode)  # (S,), once for all four
     out = {}
     for attribute in ATTRIBUTES:
-        keep, swapped = swapped_sentences(split, attribute, seed)
-        txt2img = torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
-        true = pair_scores(model, images, tokenize_texts(split['sentences'][keep]), txt2img, mode)
-        false = pair_scores(model, images, tokenize_texts(swapped), txt2img, mode)
+        false = pair_scores(model, image_emb, tokenize_texts(swapped_sentences(split, attribute, seed)[1]), txt2img, mode)
         out[attribute] = float((true > false).double().mean())
     return out
 
-# %% ../nbs/09_toy_experiment.ipynb #7ba258e8
+# %% ../nbs/09_toy_experiment.ipynb #3f21a3be
 def object_tokens(model: FLAIR, images: torch.Tensor, split: dict) -> tuple[torch.Tensor, np.ndarray]:
     "Per object sentence: the projected patch tokens averaged over its object's patches (S, D), and its attributes (S, 4)."
     keep = np.flatnonzero(split['sentence_object'] >= 0)
@@ -267,10 +268,10 @@ def object_probe_accuracy(model: FLAIR, images: torch.Tensor, split: dict) -> di
 @torch.no_grad()
 def text_swap_similarity(model: FLAIR, split: dict, seed: int = 0) -> dict:
     "Per attribute: the mean cosine between the text embeddings of object sentences and their one-attribute swaps."
+    true = model.embed_text(tokenize_texts(split['sentences'][split['sentence_object'] >= 0]))   # (S, D), once for all four
     out = {}
     for attribute in ATTRIBUTES:
-        keep, swapped = swapped_sentences(split, attribute, seed)
-        true, false = (model.embed_text(tokenize_texts(t)) for t in (split['sentences'][keep], swapped))
+        false = model.embed_text(tokenize_texts(swapped_sentences(split, attribute, seed)[1]))   # (S, D)
         out[attribute] = float(F.cosine_similarity(true, false, dim=-1).mean())
     return out
 
