@@ -12,3 +12,11 @@ def text_vectors():
 @pytest.fixture(scope='session')
 def flair_tiny():
     return torch.load(REFERENCE / 'flair_tiny.pt', weights_only=True)
+
+@pytest.fixture
+def one_thread():
+    "One torch thread for the test: the tiny models are fastest so when the machine's two cores are shared."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ TINY_CLIP = replace(FlairConfig.tiny(), vocab_size=49408)   # tiny towers, CLIP 
 OFFICIAL_KEYS = {f'{d}_{m}' for d in ('text_to_image', 'image_to_text') for m in ('R@1', 'R@5', 'R@10', 'mean_rank', 'median_rank')}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "The tiny model is fastest on one thread when the machine's two cores are shared."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 @pytest.mark.parametrize('name', [k for k in PRESETS if k != 'cpu'])

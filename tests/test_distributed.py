@@ -12,16 +12,9 @@ from flair_min.losses import FlairLoss, draw_negative_offsets
 WORKER = ROOT / 'tests' / 'dist_worker.py'
 WORLD, IMAGES, K, TIMEOUT = 2, 4, 2, 90
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()) or sys.platform == 'win32',
-                                reason='needs torch.distributed with the gloo backend over TCP (Linux or macOS)')
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()) or sys.platform == 'win32',
+                                 reason='needs torch.distributed with the gloo backend over TCP (Linux or macOS)'),
+              pytest.mark.usefixtures('one_thread')]   # one_thread: conftest.py
 
 
 def free_port() -> int:

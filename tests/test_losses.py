@@ -9,13 +9,7 @@ from flair_min.losses import (FlairLoss, flair_loss, flair_loss_of_rank, draw_ne
                               multi_positive_sigmoid_loss, downsampled_tcs_loss)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The tensors here are tiny: one thread is fastest, and robust on a busy machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def relative_error(a, b): return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

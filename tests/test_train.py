@@ -16,13 +16,7 @@ from flair_min import train as T
 from ddp_train_worker import RUNS, global_batches, train_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "The tiny model is fastest on one thread when the machine's two cores are shared."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 
 def tiny_trainer(**knobs):
