@@ -39,12 +39,11 @@ WORLDS = [
 SWEEPS = {'settings': [(n, {'init_logit_bias': -5.0, **o}) for n, o in SETTINGS], 'worlds': [(n, {'init_logit_bias': -5.0, **o}) for n, o in WORLDS]}
 
 
-def light_evaluation(split, images):
-    "The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model."
+def light_evaluation(split, images, mode: str):
+    "The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model, scored `mode`."
     from flair_min.experiment import attribute_swap_accuracy, retrieval_results
     def evaluate(model):
         m = copy.deepcopy(model).float().cpu().eval()
-        mode = 'flair' if m.visual_proj.attn.in_proj_weight.requires_grad else 'global'   # the baseline's pooling is frozen
         fine = retrieval_results(m, images, split, mode)['fine_grained']
         swaps = attribute_swap_accuracy(m, images, split, mode)
         return {'fg_t2i_R1': fine['text_to_image_R@1'], 'fg_t2i_R5': fine['text_to_image_R@5'], **{f'swap_{k}': v for k, v in swaps.items()}}
@@ -63,16 +62,16 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     shards, split_path = E.prepare_toy_data(c, Path(args.out) / 'data' / name)
     split = load_eval_split(split_path); images = E.eval_images(split)
     loader, result = E.make_demo_loader(shards, c), {'name': name, 'overrides': {**overrides, 'world': world}}
-    for model_name, loss in (('flair', 'flair'), ('baseline', 'mps')):
+    for model_name, loss, mode in (('flair', 'flair', 'flair'), ('baseline', 'mps', 'global')):
         torch.manual_seed(c.seed); model, tic = FLAIR(E.demo_model_config(c)), time.perf_counter()
         every = 800 if c.steps > 800 else None
         history = train(model, loader, TrainConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup=min(c.warmup, c.steps),
                                                    loss=loss, seed=c.seed, progress=False, device=args.device, eval_every=every),
-                        evaluate=light_evaluation(split, images) if every else None)
+                        evaluate=light_evaluation(split, images, mode) if every else None)
         result[f'{model_name}_train_s'] = time.perf_counter() - tic
         result[f'{model_name}_final_loss'] = float(np.mean(history['loss'][-20:]))
         result[f'{model_name}_curve'] = history.get('eval', [])
-        result[model_name] = E.evaluate_demo_model(model.float().cpu().eval(), images, split, 'flair' if model_name == 'flair' else 'global')
+        result[model_name] = E.evaluate_demo_model(model.float().cpu().eval(), images, split, mode)
     result['margins'] = E.margins(result)
     return result
 
