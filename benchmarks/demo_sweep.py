@@ -17,7 +17,9 @@ of 1 + 3 loader workers each, about 5 minutes per sweep) with an earlier draft o
 the same variants, training and evaluation. That draft also tried worlds with 3 shapes and 4
 colours together and with one colour; they leave no evaluation sentence that is true of exactly
 one image, so the fine-grained metrics cannot be computed and they are not listed here. The
-variants carry the sigmoid bias the sweeps began with, −5; `bias-10` is today's default.
+variants carry the sigmoid bias the sweeps began with, −5; `bias-10` is today's default. The two
+`cell48` variants (48-pixel images, one 16-pixel patch per cell) came later and are not in those
+sweeps; 09 §9 reports CPU runs of them with the default bias.
 """
 import argparse, copy, json, os, sys, time
 from dataclasses import replace
@@ -31,7 +33,8 @@ SETTINGS = [
     ('width128', {'width': 128}), ('k4', {'num_captions': 4}), ('twins_lr3e-3_3200', {'train_twins': True, 'lr': 3e-3, 'steps': 3200}),
     ('vl6', {'vision_layers': 6}), ('seed1', {'seed': 1}), ('twins_seed1', {'train_twins': True, 'seed': 1}),
     ('d64', {'embed_dim': 64}), ('bs128_200', {'batch_size': 128, 'steps': 200}), ('twins_bs64_800', {'train_twins': True, 'batch_size': 64}),
-    ('wd0', {'weight_decay': 0.0})]
+    ('wd0', {'weight_decay': 0.0}), ('cell48', {'image_size': 48, 'patch_size': 16}),
+    ('cell48_merged1', {'image_size': 48, 'patch_size': 16, 'max_merged': 1})]
 S3, C4, BG1 = {'shapes': ('circle', 'square', 'triangle')}, {'colours': ('red', 'green', 'blue', 'yellow')}, {'backgrounds': ('gray',), 'textures': ('plain',)}
 WORLDS = [
     ('s3', {'world': S3}), ('c4', {'world': C4}), ('bg1', {'world': BG1}), ('obj2-4', {'world': {'min_objects': 2, 'max_objects': 4}}),
@@ -57,7 +60,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     from flair_min.toyworld import ToyWorldConfig, load_eval_split
     from flair_min.train import TrainConfig, train
     overrides = dict(overrides); world = overrides.pop('world', {})
-    E.training_world = lambda c: replace(ToyWorldConfig(seed=c.seed, binding_twins=c.train_twins), **world)
+    E.training_world = lambda c: replace(ToyWorldConfig(image_size=c.image_size, seed=c.seed, binding_twins=c.train_twins), **world)
     c = E.demo_config(out=str(Path(args.out) / name), progress=False, plots=False, workers=args.workers, **overrides)
     shards, split_path = E.prepare_toy_data(c, Path(args.out) / 'data' / name)
     split = load_eval_split(split_path); images = E.eval_images(split)

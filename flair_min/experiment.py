@@ -45,6 +45,8 @@ class DemoConfig:
     lr: float = 1e-3                 # peak learning rate (paper: 5e-4 for ViT-B/16 at batch 1,024)
     weight_decay: float = 0.1        # AdamW decay of the weight matrices (paper: 0.5)
     warmup: int = 50                 # linear warm-up steps, then cosine decay to 0
+    image_size: int = 64             # pixels per side, of the world's images and the model's input
+    patch_size: int = 8              # pixels per side of a patch: 8 gives an 8 × 8 grid over the 3 × 3 cells; 16 at 48 pixels, one patch per cell
     width: int = 64                  # width of both towers (one attention head per 64)
     vision_layers: int = 3           # vision transformer blocks
     text_layers: int = 2             # text transformer blocks
@@ -63,17 +65,17 @@ class DemoConfig:
 
 # %% ../nbs/09_toy_experiment.ipynb #06c0eb85
 def demo_model_config(config: DemoConfig = DemoConfig()) -> FlairConfig:
-    "The toy FLAIR: 64-pixel images in 8-pixel patches, `width`-wide towers, a D-dimensional joint space, 77-token CLIP text."
+    "The toy FLAIR: `image_size`-pixel images in `patch_size`-pixel patches, `width`-wide towers, a D-dimensional joint space, 77-token CLIP text."
     heads = max(1, config.width // 64)
-    return FlairConfig(embed_dim=config.embed_dim, image_size=64, patch_size=8, vision_width=config.width,
+    return FlairConfig(embed_dim=config.embed_dim, image_size=config.image_size, patch_size=config.patch_size, vision_width=config.width,
                        vision_layers=config.vision_layers, vision_heads=heads, context_length=77, vocab_size=49408,
                        text_width=config.width, text_layers=config.text_layers, text_heads=heads,
                        init_logit_bias=config.init_logit_bias)
 
 # %% ../nbs/09_toy_experiment.ipynb #19af331b
 def training_world(config: DemoConfig) -> ToyWorldConfig:
-    "The toy world of the training shards: the default world, seeded, optionally in binding twins."
-    return ToyWorldConfig(seed=config.seed, binding_twins=config.train_twins)
+    "The toy world of the training shards: the default world at `image_size` pixels, seeded, optionally in binding twins."
+    return ToyWorldConfig(image_size=config.image_size, seed=config.seed, binding_twins=config.train_twins)
 
 def world_manifest(config: DemoConfig) -> dict:
     "What decides the files of the data folder: the world config and the sizes."
@@ -110,9 +112,9 @@ class TrimmedLoader:
 
 # %% ../nbs/09_toy_experiment.ipynb #a2408ca1
 def make_demo_loader(shards: str, config: DemoConfig) -> TrimmedLoader:
-    "The toy world's training batches: FLAIR's training transform at 64 pixels, K sub-captions of 77 tokens, trimmed."
+    "The toy world's training batches: FLAIR's training transform at `image_size` pixels, K sub-captions of 77 tokens, trimmed."
     return TrimmedLoader(make_train_loader(shards, batch_size=config.batch_size, num_captions=config.num_captions,
-                                           max_merged=config.max_merged, image_size=64, context_length=77,
+                                           max_merged=config.max_merged, image_size=config.image_size, context_length=77,
                                            num_workers=config.workers, seed=config.seed,
                                            shuffle_buffer=0 if config.train_twins else 1000))
 
@@ -129,6 +131,9 @@ def train_demo_model(loss: str, loader, config: DemoConfig) -> tuple[FLAIR, dict
 def fine_grained_texts(split: dict) -> tuple[np.ndarray, torch.Tensor]:
     "The object sentences true of exactly one evaluation image, and that image: (texts (N,), txt2img (N,))."
     keep = (split['sentence_object'] >= 0) & (split['positives'].sum(1) == 1)  # (S,)
+    if not keep.any():
+        raise ValueError(f"no object sentence of this evaluation split ({len(split['images'])} images) is true of exactly one image; "
+                         "expected more evaluation scenes, or a world with more kinds of object")
     return split['sentences'][keep], torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
 
 def fine_grained_metrics(scores: torch.Tensor, txt2img: torch.Tensor) -> dict:
@@ -144,9 +149,9 @@ def fine_grained_metrics(scores: torch.Tensor, txt2img: torch.Tensor) -> dict:
     return out
 
 # %% ../nbs/09_toy_experiment.ipynb #a2d68e95
-def eval_images(split: dict, image_size: int = 64) -> torch.Tensor:
-    "The split's images through FLAIR's evaluation transform: (N, 3, S, S)."
-    transform = image_transform(image_size, is_train=False)
+def eval_images(split: dict, image_size: int | None = None) -> torch.Tensor:
+    "The split's images through FLAIR's evaluation transform: (N, 3, S, S); S defaults to the images' own size."
+    transform = image_transform(image_size or split['images'].shape[1], is_train=False)
     return torch.stack([transform(Image.fromarray(x)) for x in split['images']])
 
 def tokenize_texts(texts, context_length: int = 77) -> torch.Tensor:
@@ -395,6 +400,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument('--steps', type=int, default=None, help='optimizer steps per model')
     parser.add_argument('--batch-size', type=int, default=None, help='images per step')
     parser.add_argument('--num-captions', type=int, default=None, help='K sub-captions per image')
+    parser.add_argument('--image-size', type=int, default=None, help='pixels per side of the toy images (default: 64)')
+    parser.add_argument('--patch-size', type=int, default=None, help='pixels per side of a patch (default: 8)')
     parser.add_argument('--train-scenes', type=int, default=None, help='toy training images')
     parser.add_argument('--eval-scenes', type=int, default=None, help='held-out evaluation images')
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores, at most 8)')
@@ -415,10 +422,12 @@ def demo_config(args=None, **overrides) -> DemoConfig:
     args = {k: v for k, v in args.items() if v is not None and k not in ('job', 'func')}
     if unknown := sorted(set(args) - names): raise ValueError(f"unknown demo settings {unknown}; expected some of {sorted(names)}")
     config = replace(config, **args)
-    for name in ('steps', 'batch_size', 'num_captions', 'train_scenes', 'eval_scenes'):
+    for name in ('steps', 'batch_size', 'num_captions', 'train_scenes', 'eval_scenes', 'image_size', 'patch_size'):
         if getattr(config, name) < 1: raise ValueError(f"{name}={getattr(config, name)}: expected a positive integer")
     if config.batch_size > config.train_scenes:
         raise ValueError(f"batch_size={config.batch_size} is larger than train_scenes={config.train_scenes}")
+    if config.image_size % config.patch_size:
+        raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}; expected whole patches")
     return config
 
 # %% ../nbs/09_toy_experiment.ipynb #290d54ef

@@ -167,6 +167,7 @@ def embed_texts(model, texts: torch.Tensor, batch_size: int = 256, device=None) 
     "Projected text embeddings (N, D) of token ids (N, ctx), `batch_size` texts at a time."
     if not isinstance(texts, torch.Tensor) or texts.dim() != 2 or texts.is_floating_point():
         raise ValueError(f"texts: expected a LongTensor of token ids (N, context_length), got {getattr(texts, 'shape', type(texts).__name__)}")
+    if len(texts) == 0: raise ValueError("texts: got no text (shape (0, context_length)); expected at least one to score")
     return torch.cat([model.embed_text(texts[i:i + batch_size].to(device)) for i in range(0, len(texts), batch_size)])
 
 def _use_amp(amp, device: torch.device) -> bool:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flair_min.experiment import (DemoConfig, add_demo_arguments, demo_config, demo_model_config, fine_grained_metrics,
-                                  fine_grained_texts, localization_maps, run_demo, tokenize_texts, trim_padding)
+from flair_min.experiment import (DemoConfig, add_demo_arguments, demo_config, demo_model_config, eval_images, fine_grained_metrics,
+                                  fine_grained_texts, localization_maps, make_demo_loader, run_demo, tokenize_texts, trim_padding)
 from flair_min.model import FLAIR
-from flair_min.toyworld import make_eval_split
+from flair_min.toyworld import load_eval_split, make_eval_split
 
 SMALL = ['--quick', '--steps', '8', '--train-scenes', '64', '--eval-scenes', '24', '--batch-size', '8', '--threads', '1', '--quiet']
 
@@ -62,6 +62,24 @@ def test_arguments():
         demo_config(parser.parse_args(['--batch-size', '64', '--train-scenes', '32']))
     with pytest.raises(ValueError, match='steps=0'):
         demo_config(parser.parse_args(['--steps', '0']))
+    cell = demo_config(parser.parse_args(['--image-size', '48', '--patch-size', '16']))
+    assert (cell.image_size, cell.patch_size) == (48, 16)
+    with pytest.raises(ValueError, match='image_size=48 is not a multiple of patch_size=10'):
+        demo_config(parser.parse_args(['--image-size', '48', '--patch-size', '10']))
+
+
+def test_image_and_patch_size_reach_world_model_and_loader(tmp_path):
+    "A run at 48 pixels in 16-pixel patches: the shards, the evaluation images and the model all use that size."
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(
+        [*SMALL, '--steps', '2', '--image-size', '48', '--patch-size', '16', '--no-plots', '--out', str(tmp_path)])
+    results = run_demo(args)
+    split = load_eval_split(tmp_path / 'data' / 'toy-eval.npz')
+    assert split['images'].shape[1:] == (48, 48, 3) and eval_images(split).shape[1:] == (3, 48, 48)
+    model = FLAIR.from_state_dict(torch.load(tmp_path / 'flair.pt'))
+    assert (model.config.image_size, model.config.patch_size, model.config.grid_size) == (48, 16, 3)
+    images, _ = next(iter(make_demo_loader(str(tmp_path / 'data' / 'toy-train-*.tar'), demo_config(args))))
+    assert images.shape[1:] == (3, 48, 48)
+    assert 0 <= results['flair']['localization']['pointing_game'] <= 1
 
 
 def test_trim_padding_is_exact():
