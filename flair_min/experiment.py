@@ -63,6 +63,11 @@ class DemoConfig:
         "The two-minute variant: a small world and a short run (the margins are not reliable at this size)."
         return replace(cls(train_scenes=512, eval_scenes=96, steps=60, batch_size=16, warmup=10), **overrides)
 
+    @classmethod
+    def long(cls, **overrides) -> 'DemoConfig':
+        "The 20-odd-minute variant of section 9: one 16-pixel patch per cell of 48-pixel images, four times the steps."
+        return replace(cls(out='runs/demo-long', image_size=48, patch_size=16, steps=3200, warmup=200), **overrides)
+
 # %% ../nbs/09_toy_experiment.ipynb #06c0eb85
 def demo_model_config(config: DemoConfig = DemoConfig()) -> FlairConfig:
     "The toy FLAIR: `image_size`-pixel images in `patch_size`-pixel patches, `width`-wide towers, a D-dimensional joint space, 77-token CLIP text."
@@ -393,9 +398,10 @@ def margins(results: dict) -> dict:
 
 # %% ../nbs/09_toy_experiment.ipynb #7fdd9e0c
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "The options of `flair-min demo`; unset ones take the value of the preset (full, or `--quick`)."
+    "The options of `flair-min demo`; unset ones take the value of the preset (full, `--quick` or `--long`)."
     parser.add_argument('--out', default=None, help="output folder (default: runs/demo)")
     parser.add_argument('--quick', action='store_true', help='the two-minute variant (small world, short training)')
+    parser.add_argument('--long', action='store_true', help='the 20-odd-minute variant: 48-pixel images, one patch per cell, 3,200 steps')
     parser.add_argument('--seed', type=int, default=None, help='seed of the world, weights and data order (default: 0)')
     parser.add_argument('--steps', type=int, default=None, help='optimizer steps per model')
     parser.add_argument('--batch-size', type=int, default=None, help='images per step')
@@ -412,10 +418,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def demo_config(args=None, **overrides) -> DemoConfig:
     "The DemoConfig of parsed `flair-min demo` arguments, a DemoConfig or a dict, with keyword overrides."
-    if isinstance(args, DemoConfig): args = {**asdict(args), 'quick': False}
+    if isinstance(args, DemoConfig): args = {**asdict(args), 'quick': False, 'long': False}
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     args.update(overrides)
-    config = DemoConfig.quick() if args.pop('quick', False) else DemoConfig()
+    quick, long = args.pop('quick', False), args.pop('long', False)
+    if quick and long: raise ValueError("quick and long are two different presets; expected at most one of them")
+    config = DemoConfig.quick() if quick else DemoConfig.long() if long else DemoConfig()
     if args.pop('no_plots', False): config = replace(config, plots=False)
     if args.pop('quiet', False): config = replace(config, progress=False)
     names = {f.name for f in fields(DemoConfig)}

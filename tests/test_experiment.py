@@ -62,6 +62,11 @@ def test_arguments():
         demo_config(parser.parse_args(['--batch-size', '64', '--train-scenes', '32']))
     with pytest.raises(ValueError, match='steps=0'):
         demo_config(parser.parse_args(['--steps', '0']))
+    assert demo_config(parser.parse_args(['--long', '--seed', '2'])) == DemoConfig.long(seed=2)
+    long = DemoConfig.long()
+    assert (long.image_size, long.patch_size, long.steps, long.warmup, long.batch_size) == (48, 16, 3200, 200, 32)
+    with pytest.raises(ValueError, match='at most one of them'):
+        demo_config(parser.parse_args(['--quick', '--long']))
     cell = demo_config(parser.parse_args(['--image-size', '48', '--patch-size', '16']))
     assert (cell.image_size, cell.patch_size) == (48, 16)
     with pytest.raises(ValueError, match='image_size=48 is not a multiple of patch_size=10'):
