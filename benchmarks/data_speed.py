@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flair_min.data import (DREAMLIP_URL_COLUMN, make_pipeline, make_train_loader, raw_image, raw_record,
-                            read_dreamlip_captions, sentence_pool, write_shard)
+from flair_min.data import make_pipeline, make_train_loader, raw_image, raw_record, sentence_pool, write_shard
+from flair_min.cc3m import DREAMLIP_URL_COLUMN, read_dreamlip_captions
 from flair_min.captions import DREAMLIP_FIELDS, sample_subcaptions
 from flair_min.model import image_transform
 from flair_min.tokenizer import SimpleTokenizer

@@ -12,7 +12,7 @@ every 800 steps. Results are appended as JSON lines to `out/results.jsonl`, one 
 a summary table is printed at the end. The variants are dealt round-robin to `--processes`
 processes; a process starts no new variant after `--minutes`.
 
-`09_toy_experiment` §8 reports both sweeps, run on one H200 machine (16 CPU cores: 4 processes
+`12_demo` §8 reports both sweeps, run on one H200 machine (16 CPU cores: 4 processes
 of 1 + 3 loader workers each, about 5 minutes per sweep) with an earlier draft of this script:
 the same variants, training and evaluation. That draft also tried worlds with 3 shapes and 4
 colours together and with one colour; they leave no evaluation sentence that is true of exactly
@@ -44,7 +44,7 @@ SWEEPS = {'settings': [(n, {'init_logit_bias': -5.0, **o}) for n, o in SETTINGS]
 
 def light_evaluation(split, images, mode: str):
     "The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model, scored `mode`."
-    from flair_min.experiment import attribute_swap_accuracy, retrieval_results
+    from flair_min.demo import attribute_swap_accuracy, retrieval_results
     def evaluate(model):
         m = copy.deepcopy(model).float().cpu().eval()
         fine = retrieval_results(m, images, split, mode)['fine_grained']
@@ -55,7 +55,7 @@ def light_evaluation(split, images, mode: str):
 
 def run_variant(name: str, overrides: dict, args) -> dict:
     import numpy as np, torch
-    import flair_min.experiment as E
+    import flair_min.demo as E
     from flair_min.model import FLAIR
     from flair_min.toyworld import ToyWorldConfig, load_eval_split
     from flair_min.train import TrainConfig, train

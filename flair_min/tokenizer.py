@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['NUM_MERGES', 'SOT', 'EOT', 'PIECE_PATTERN', 'MODEL_CONTEXT_LENGTHS', 'bytes_to_unicode', 'default_bpe_path',
-           'load_merges', 'build_vocab', 'clean_text', 'pre_tokenize', 'bpe_merge', 'SimpleTokenizer', 'get_tokenizer']
+           'load_merges', 'build_vocab', 'clean_text', 'pre_tokenize', 'bpe_merge', 'SimpleTokenizer', 'get_tokenizer',
+           'tokenize']
 
 # %% ../nbs/00_tokenizer.ipynb #3b4db148
 import gzip, html, math
@@ -151,3 +152,7 @@ def get_tokenizer(model_name: str = 'ViT-B-16-FLAIR', context_length: int | None
             raise ValueError(f"unknown model_name {model_name!r}: expected one of {sorted(MODEL_CONTEXT_LENGTHS)} or pass context_length")
         context_length = MODEL_CONTEXT_LENGTHS[model_name]
     return _shared_tokenizer(context_length)
+
+def tokenize(texts, context_length: int = 77) -> torch.Tensor:
+    "Token ids (N, context_length) of a string or a list of strings, as open_clip's `tokenize`."
+    return _shared_tokenizer(context_length)(texts)

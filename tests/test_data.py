@@ -13,7 +13,8 @@ from PIL import Image
 from conftest import ROOT
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
 from flair_min.data import (SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, load_table, make_pipeline,
-                            make_train_loader, prepare_cc3m_recap, source_kind, tar_samples, write_shard)
+                            make_train_loader, source_kind, tar_samples, write_shard)
+from flair_min.cc3m import cc3m_recap_loader, prepare_cc3m_recap
 from flair_min.model import image_transform
 from flair_min.tokenizer import get_tokenizer
 
@@ -167,7 +168,7 @@ def test_hub_path_offline(tmp_path):
     dreamlip_csv(tmp_path / 'captions.csv', [f'https://img/{i}.jpg' for i in [0, 1, 2, 3, 4, 5, 6, 99]])   # none for image 7
     options = dict(image_shards=str(tmp_path / 'cc3m-train-{0000..0001}.tar'), captions_csv=str(tmp_path / 'captions.csv'),
                    progress=False)
-    loader = make_train_loader('cc3m-recap', hub_dir=str(tmp_path / 'recap'), hub_options=options, batch_size=1, num_workers=0,
+    loader = cc3m_recap_loader(hub_dir=str(tmp_path / 'recap'), hub_options=options, batch_size=1, num_workers=0,
                                with_keys=True, **SMALL)
     assert sorted(keys_of(loader)) == [f'{i:09d}' for i in range(7)]
     manifest = json.loads((tmp_path / 'recap' / 'recap.json').read_text())
@@ -209,7 +210,8 @@ def test_every_source_gives_the_same_batches(shards, tmp_path):
 
 def test_sources_and_urls(shards):
     assert source_kind(shards['urls']) == source_kind(shards['dir']) == 'shards'
-    assert source_kind('cc3m-recap') == 'hub' and source_kind('x.parquet') == 'table'
+    assert source_kind('x.parquet') == 'table'
+    with pytest.raises(ValueError, match='cc3m_recap_loader'): source_kind('cc3m-recap')
     assert len(expand_urls(str(shards['dir'] / 'part-*.tar'))) == 5
     assert expand_urls('a-{08..10}.tar::b.tar') == ['a-08.tar', 'a-09.tar', 'a-10.tar', 'b.tar']
     with pytest.raises(TypeError, match='unknown DataConfig fields'): make_train_loader(shards['urls'], num_captons=3)

@@ -11,10 +11,11 @@ from PIL import Image
 
 from conftest import ROOT
 from flair_min.captions import caption_pool, split_caption
-from flair_min.toyworld import (BACKGROUND_SENTENCE, BAD_SHARD_KINDS, COUNT_SENTENCE, EVAL_KEYS, PALETTE, POSITIONS,
+from flair_min.toyworld import (BACKGROUND_SENTENCE, COUNT_SENTENCE, EVAL_KEYS, PALETTE, POSITIONS,
                                 SHAPE_MASKS, SHAPE_NAMES, SIZES, ToyWorldConfig, eval_config, load_eval_split,
                                 make_eval_split, make_scene, object_geometry, patch_coverage, pointing_game,
-                                save_eval_split, scene_layout, star_mask, triangle_mask, write_fixtures, write_shards)
+                                save_eval_split, scene_layout, star_mask, triangle_mask, write_shards)
+from fixtures import BAD_SHARD_KINDS, write_fixtures
 
 TOY = ROOT / 'data' / 'toy'
 

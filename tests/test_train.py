@@ -1,8 +1,8 @@
-"""Properties of the training loop (nbs/05_train.ipynb) beyond the notebook's own checks: exact accumulation
+"""Properties of the training loop (nbs/08_train.ipynb) beyond the notebook's own checks: exact accumulation
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
 processes against one, and the `flair-min train` entry point on toy-world shards."""
-import argparse, math, socket, time, warnings
+import argparse, contextlib, math, socket, time, warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,8 @@ from conftest import ROOT
 from flair_min.data import make_train_loader
 from flair_min.model import FLAIR, FlairConfig
 from flair_min import train as T
+from flair_min.cli import add_train_arguments, run_train, total_steps
+from flair_min.model import autocast
 from ddp_train_worker import RUNS, global_batches, train_run
 
 
@@ -96,7 +98,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
 
 def test_checkpoint_loads_with_the_released_weights_loader(tmp_path):
-    from flair_min.pretrained import create_model_and_transforms, read_checkpoint
+    from flair_min.checkpoint import read_checkpoint
+    from flair_min.pretrained import create_model_and_transforms
     trainer = tiny_trainer(out_dir=str(tmp_path))
     trainer.fit(global_batches(steps=1), until=1)
     path = tmp_path / 'checkpoints' / 'latest.pt'
@@ -112,7 +115,7 @@ def test_cpu_trains_in_fp32_even_when_mixed_precision_is_asked():
         trainer = tiny_trainer(precision='amp_bf16')
     assert trainer.precision == 'fp32' and not trainer.scaler.is_enabled()
     assert any('fp32 instead' in str(w.message) for w in caught)
-    assert isinstance(T.autocast(trainer.precision, trainer.device), type(T.contextlib.nullcontext()))
+    assert isinstance(autocast(trainer.precision, trainer.device), type(contextlib.nullcontext()))
 
 
 def test_mps_baseline_never_touches_the_pooling_layer():
@@ -165,17 +168,17 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 def test_run_train_on_toy_shards(tmp_path):
-    parser = T.add_train_arguments(argparse.ArgumentParser())
+    parser = add_train_arguments(argparse.ArgumentParser())
     argv = ['--data', 'toy', '--toy-samples', '16', '--model', '{"preset": "tiny", "vocab_size": 49408}', '--batch-size', '2',
             '--num-captions', '3', '--workers', '0', '--steps', '2', '--warmup', '1', '--accum-steps', '2', '--loss', 'mps',
             '--out', str(tmp_path), '--no-progress', '--save-every', '1', '--keep-checkpoints']
-    history = T.run_train(parser.parse_args(argv))
+    history = run_train(parser.parse_args(argv))
     assert len(history['loss']) == 2 and all(math.isfinite(l) for l in history['loss'])
     names = {p.name for p in tmp_path.iterdir()} | {p.name for p in (tmp_path / 'checkpoints').iterdir()}
     assert {'history.json', 'loss_curve.png', 'latest.pt', 'step_00000001.pt', 'step_00000002.pt'} <= names
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['args']['loss'] == 'mps' and checkpoint['config']['vocab_size'] == 49408
-    with pytest.raises(ValueError, match='--epochs'): T.total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
+    with pytest.raises(ValueError, match='--epochs'): total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
 
 
 @pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(), reason='the toy world has not written data/toy yet')

@@ -1,4 +1,4 @@
-"""The main job, `flair-min demo` (nbs/09_toy_experiment): an end-to-end run of a small configuration through the
+"""The main job, `flair-min demo` (nbs/12_demo): an end-to-end run of a small configuration through the
 command-line arguments, and property tests of its evaluation pieces against naive versions."""
 import argparse, json
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flair_min.experiment import (DemoConfig, add_demo_arguments, demo_config, demo_model_config, eval_images, fine_grained_metrics,
+from flair_min.demo import (DemoConfig, demo_config, demo_model_config, eval_images, fine_grained_metrics,
                                   fine_grained_texts, localization_maps, make_demo_loader, run_demo, tokenize_texts, trim_padding)
 from flair_min.model import FLAIR
+from flair_min.cli import add_demo_arguments
 from flair_min.toyworld import load_eval_split, make_eval_split
 
 SMALL = ['--quick', '--steps', '8', '--train-scenes', '64', '--eval-scenes', '24', '--batch-size', '8', '--threads', '1', '--quiet']
@@ -18,7 +19,7 @@ SMALL = ['--quick', '--steps', '8', '--train-scenes', '64', '--eval-scenes', '24
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args([*SMALL, '--out', str(out)])
-    return out, run_demo(args)
+    return out, run_demo(vars(args))
 
 
 def test_outputs_exist(small_run):
@@ -49,40 +50,40 @@ def test_metrics_in_range(small_run):
 def test_rerun_reuses_data(small_run, tmp_path):
     out, _ = small_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / 'data').iterdir()}
-    run_demo(demo_config(add_demo_arguments(argparse.ArgumentParser()).parse_args([*SMALL, '--out', str(out), '--steps', '1', '--no-plots'])))
+    run_demo(demo_config(vars(add_demo_arguments(argparse.ArgumentParser()).parse_args([*SMALL, '--out', str(out), '--steps', '1', '--no-plots']))))
     assert {p.name: p.stat().st_mtime_ns for p in (out / 'data').iterdir()} == before
 
 
 def test_arguments():
     parser = add_demo_arguments(argparse.ArgumentParser())
-    assert demo_config(parser.parse_args([])) == DemoConfig()
-    quick = demo_config(parser.parse_args(['--quick', '--seed', '3']))
+    assert demo_config(vars(parser.parse_args([]))) == DemoConfig()
+    quick = demo_config(vars(parser.parse_args(['--quick', '--seed', '3'])))
     assert quick == DemoConfig.quick(seed=3)
     with pytest.raises(ValueError, match='batch_size=64 is larger than train_scenes=32'):
-        demo_config(parser.parse_args(['--batch-size', '64', '--train-scenes', '32']))
+        demo_config(vars(parser.parse_args(['--batch-size', '64', '--train-scenes', '32'])))
     with pytest.raises(ValueError, match='steps=0'):
-        demo_config(parser.parse_args(['--steps', '0']))
-    assert demo_config(parser.parse_args(['--long', '--seed', '2'])) == DemoConfig.long(seed=2)
+        demo_config(vars(parser.parse_args(['--steps', '0'])))
+    assert demo_config(vars(parser.parse_args(['--long', '--seed', '2']))) == DemoConfig.long(seed=2)
     long = DemoConfig.long()
     assert (long.image_size, long.patch_size, long.steps, long.warmup, long.batch_size) == (48, 16, 3200, 200, 32)
     with pytest.raises(ValueError, match='at most one of them'):
-        demo_config(parser.parse_args(['--quick', '--long']))
-    cell = demo_config(parser.parse_args(['--image-size', '48', '--patch-size', '16']))
+        demo_config(vars(parser.parse_args(['--quick', '--long'])))
+    cell = demo_config(vars(parser.parse_args(['--image-size', '48', '--patch-size', '16'])))
     assert (cell.image_size, cell.patch_size) == (48, 16)
     with pytest.raises(ValueError, match='image_size=48 is not a multiple of patch_size=10'):
-        demo_config(parser.parse_args(['--image-size', '48', '--patch-size', '10']))
+        demo_config(vars(parser.parse_args(['--image-size', '48', '--patch-size', '10'])))
 
 
 def test_image_and_patch_size_reach_world_model_and_loader(tmp_path):
     "A run at 48 pixels in 16-pixel patches: the shards, the evaluation images and the model all use that size."
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args(
         [*SMALL, '--steps', '2', '--image-size', '48', '--patch-size', '16', '--no-plots', '--out', str(tmp_path)])
-    results = run_demo(args)
+    results = run_demo(vars(args))
     split = load_eval_split(tmp_path / 'data' / 'toy-eval.npz')
     assert split['images'].shape[1:] == (48, 48, 3) and eval_images(split).shape[1:] == (3, 48, 48)
     model = FLAIR.from_state_dict(torch.load(tmp_path / 'flair.pt'))
     assert (model.config.image_size, model.config.patch_size, model.config.grid_size) == (48, 16, 3)
-    images, _ = next(iter(make_demo_loader(str(tmp_path / 'data' / 'toy-train-*.tar'), demo_config(args))))
+    images, _ = next(iter(make_demo_loader(str(tmp_path / 'data' / 'toy-train-*.tar'), demo_config(vars(args)))))
     assert images.shape[1:] == (3, 48, 48)
     assert 0 <= results['flair']['localization']['pointing_game'] <= 1
 
@@ -165,7 +166,7 @@ def test_diagnostics_in_results_and_table(small_run):
 
 @pytest.mark.parametrize('attribute', ['shape', 'colour', 'size', 'position'])
 def test_swapped_sentences_change_one_attribute_and_are_false(attribute):
-    from flair_min.experiment import ATTRIBUTES, swapped_sentences
+    from flair_min.demo import ATTRIBUTES, swapped_sentences
     split = make_eval_split(12, seed=5)
     keep, swapped = swapped_sentences(split, attribute, seed=1)
     assert len(keep) == int((split['sentence_object'] >= 0).sum())
@@ -181,7 +182,7 @@ def test_swapped_sentences_change_one_attribute_and_are_false(attribute):
 
 
 def test_linear_probe_separates_signal_from_noise():
-    from flair_min.experiment import linear_probe
+    from flair_min.demo import linear_probe
     g = torch.Generator().manual_seed(3)
     x = torch.randn(600, 16, generator=g)
     y = torch.argmax(x[:, :5], dim=1)                                 # five classes, linear in x
@@ -190,11 +191,11 @@ def test_linear_probe_separates_signal_from_noise():
 
 
 def test_object_tokens_average_the_covered_patches():
-    from flair_min.experiment import object_tokens
+    from flair_min.demo import object_tokens
     from flair_min.toyworld import patch_coverage
     split = make_eval_split(4, seed=2)
     torch.manual_seed(0); model = FLAIR(demo_model_config(DemoConfig(width=64, embed_dim=32))).eval()
-    from flair_min.experiment import eval_images
+    from flair_min.demo import eval_images
     images = eval_images(split)
     tokens, attributes = object_tokens(model, images, split)
     keep = np.flatnonzero(split['sentence_object'] >= 0)
@@ -207,7 +208,7 @@ def test_object_tokens_average_the_covered_patches():
 
 
 def test_text_swap_similarity_against_a_loop():
-    from flair_min.experiment import swapped_sentences, text_swap_similarity
+    from flair_min.demo import swapped_sentences, text_swap_similarity
     split = make_eval_split(4, seed=2)
     torch.manual_seed(0); model = FLAIR(demo_model_config(DemoConfig(width=64, embed_dim=32))).eval()
     sims = text_swap_similarity(model, split, seed=4)

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from flair_min.benchmarks import (BENCHMARKS, add_eval_arguments, read_benchmark, read_coco, read_dci, read_docci,
-                                  read_flickr30k, read_iiw, read_sharegpt4v, read_urban1k, run_eval)
+from flair_min.cli import add_eval_arguments, run_eval
+from flair_min.eval_sets import (BENCHMARKS, read_benchmark, read_coco, read_dci, read_docci, read_flickr30k, read_iiw,
+                                 read_sharegpt4v, read_urban1k)
 from flair_min.captions import split_caption
 from flair_min.model import FLAIR, FlairConfig
 

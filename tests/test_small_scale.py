@@ -1,4 +1,4 @@
-"""The Colab recipe (nbs/10_cc3m_colab.ipynb) on the CPU: GPU presets and how one is chosen, the step measurement
+"""The Colab recipe (nbs/13_small_scale.ipynb) on the CPU: GPU presets and how one is chosen, the step measurement
 on the tiny model, `train_small` on the toy shards (checkpoint, resume='latest', the released-weights loader) and
 the held-out retrieval evaluation with the official metric keys."""
 import argparse, json
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from conftest import ROOT
-from flair_min.colab import (GPU_KINDS, PRESETS, GpuPreset, choose_preset, evaluate_retrieval, measure_train_step,
+from flair_min.small_scale import (GPU_KINDS, PRESETS, GpuPreset, choose_preset, heldout_retrieval, measure_train_step,
                              preset_cli_args, read_pairs, resolve_preset, retrieval_hook, scale_throughput, split_overrides,
                              train_small)
 from flair_min.data import tar_samples
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.pretrained import create_model_and_transforms
-from flair_min.train import PRECISIONS, add_train_arguments
+from flair_min.model import PRECISIONS
+from flair_min.cli import add_train_arguments
 
 TOY = ROOT / 'data' / 'toy'
 TOY_TRAIN = str(TOY / 'toy-train-*.tar')
@@ -129,7 +130,7 @@ def test_evaluation_returns_the_official_metric_keys():
     images, captions = read_pairs(TOY / 'toy-eval.npz', image_size=32)
     torch.manual_seed(0)
     model = FLAIR(TINY_CLIP)
-    metrics = evaluate_retrieval(model, images, captions, modes=('flair', 'global', 'topk'))
+    metrics = heldout_retrieval(model, images, captions, modes=('flair', 'global', 'topk'))
     assert set(metrics) == {'flair', 'global', 'topk'}
     for m in metrics.values():
         assert set(m) == OFFICIAL_KEYS
