@@ -38,23 +38,27 @@ def field_sentences(record: dict, field: str) -> list[str]:
     value = record[field]
     if isinstance(value, str): return split_caption(value)
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"caption field {field!r} holds a {type(value).__name__}; expected a list of sentences or a string")
+        raise ValueError(f"caption field {field!r} holds a {type(value).__name__}; "
+                         "expected a list of sentences or a string")
     for i, sentence in enumerate(value):
         if not isinstance(sentence, str):
-            raise ValueError(f"caption field {field!r}, sentence {i}, is a {type(sentence).__name__}; expected a string")
+            raise ValueError(f"caption field {field!r}, sentence {i}, is a {type(sentence).__name__}; "
+                             "expected a string")
     return list(value)
 
 def caption_pool(record: dict) -> list[str]:
-    "The sentence pool of a training record: its DreamLIP fields (those present, official order) or its PixelProse 'caption'."
+    "The sentence pool of a record: its DreamLIP fields (those present, official order) or its PixelProse 'caption'."
     if not isinstance(record, dict):
-        raise ValueError(f"record is a {type(record).__name__}; expected a dict with DreamLIP caption fields or a 'caption' string")
+        raise ValueError(f"record is a {type(record).__name__}; "
+                         "expected a dict with DreamLIP caption fields or a 'caption' string")
     fields = [f for f in DREAMLIP_FIELDS if f in record]
     if not fields:
         if PIXELPROSE_FIELD not in record:
             raise ValueError(f"record has no caption field (its keys: {list(record)[:10]}); "
                              f"expected one of the DreamLIP fields {list(DREAMLIP_FIELDS)} or {PIXELPROSE_FIELD!r}")
         if not isinstance(record[PIXELPROSE_FIELD], str):
-            raise ValueError(f"caption field 'caption' holds a {type(record[PIXELPROSE_FIELD]).__name__}; expected a string (PixelProse)")
+            raise ValueError(f"caption field 'caption' holds a {type(record[PIXELPROSE_FIELD]).__name__}; "
+                             "expected a string (PixelProse)")
         fields = [PIXELPROSE_FIELD]
     pool = [sentence for field in fields for sentence in field_sentences(record, field)]
     if not any(s.strip() for s in pool):
@@ -91,10 +95,12 @@ def sample_subcaption_indices(n: int, k: int, max_merged: int = 3, rng=None) -> 
 def check_sentences(sentences) -> None:
     "Raise if `sentences` is not a non-empty sequence of strings."
     if isinstance(sentences, str) or not isinstance(sentences, Sequence):
-        raise TypeError(f"sentences is a {type(sentences).__name__}; expected a list of strings (see split_caption, caption_pool)")
+        raise TypeError(f"sentences is a {type(sentences).__name__}; "
+                        "expected a list of strings (see split_caption, caption_pool)")
     if len(sentences) == 0: raise ValueError("sentences is empty; expected at least one sentence to sample from")
     for i, sentence in enumerate(sentences):
-        if not isinstance(sentence, str): raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}; expected a string")
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}; expected a string")
 
 def sample_subcaptions(sentences: Sequence[str], k: int, max_merged: int = 3, rng=None) -> list[str]:
     "FLAIR's diverse sampling: `k` sub-captions of 1 to `max_merged` sentences joined with '. '."
@@ -129,7 +135,8 @@ def tokenize_pool(sentences: Sequence[str], tokenizer: SimpleTokenizer | None = 
     return TokenizedPool(tuple(sentences), ids, dotted)
 
 # %% ../nbs/01_captions.ipynb #e89d1859
-def subcaption_ids(pool: TokenizedPool, idx: Sequence[int], tokenizer: SimpleTokenizer | None = None) -> tuple[int, ...]:
+def subcaption_ids(pool: TokenizedPool, idx: Sequence[int],
+                   tokenizer: SimpleTokenizer | None = None) -> tuple[int, ...]:
     "Ids (no SOT/EOT) of `'. '.join(pool.sentences[i] for i in idx)`, assembled from the cache when exact."
     if len(idx) == 1: return pool.ids[idx[0]]
     if all(pool.dotted[i] is not None for i in idx):
@@ -139,7 +146,8 @@ def subcaption_ids(pool: TokenizedPool, idx: Sequence[int], tokenizer: SimpleTok
 
 def pad_rows(rows: Sequence[Sequence[int]], context_length: int, sot: int, eot: int) -> torch.LongTensor:
     "Stack id rows as [SOT, ids[:context_length-2], EOT] padded with 0: the tokenizer's layout."
-    if context_length < 2: raise ValueError(f"context_length={context_length}: expected at least 2 (room for SOT and EOT)")
+    if context_length < 2:
+        raise ValueError(f"context_length={context_length}: expected at least 2 (room for SOT and EOT)")
     out = np.zeros((len(rows), context_length), dtype=np.int64)  # (K, context_length), 0 = padding
     for r, ids in enumerate(rows):
         row = [sot, *ids[:context_length - 2], eot]
@@ -147,7 +155,8 @@ def pad_rows(rows: Sequence[Sequence[int]], context_length: int, sot: int, eot: 
     return torch.from_numpy(out)
 
 def sample_subcaption_tokens(pool: TokenizedPool, k: int, max_merged: int = 3, rng=None,
-                             tokenizer: SimpleTokenizer | None = None, context_length: int | None = None) -> torch.LongTensor:
+                             tokenizer: SimpleTokenizer | None = None,
+                             context_length: int | None = None) -> torch.LongTensor:
     "Token ids (K, context_length) of the sub-captions `sample_subcaptions(pool.sentences, k, max_merged, rng)` draws."
     tokenizer = tokenizer or get_tokenizer()
     indices = sample_subcaption_indices(len(pool.sentences), k, max_merged, rng)

@@ -28,10 +28,12 @@ DREAMLIP_URL_COLUMN = 'Image Path'                              # the CSV's imag
 
 def cc3m_wds_urls(num_shards: int | None = None, split: str = 'train', start: int = 0) -> list[str]:
     "hf:// URLs of `num_shards` cc3m-wds shards of `split` from `start` (all of them for None)."
-    if split not in CC3M_WDS_SHARDS: raise ValueError(f"split={split!r}: expected one of {list(CC3M_WDS_SHARDS)}")
+    if split not in CC3M_WDS_SHARDS:
+        raise ValueError(f"split={split!r}: expected one of {list(CC3M_WDS_SHARDS)}")
     total = CC3M_WDS_SHARDS[split]
     stop = total if num_shards is None else start + num_shards
-    if not 0 <= start < stop <= total: raise ValueError(f"shards {start}..{stop - 1} of {split}: expected within 0..{total - 1}")
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"shards {start}..{stop - 1} of {split}: expected within 0..{total - 1}")
     return [f'hf://datasets/{CC3M_WDS_REPO}/cc3m-{split}-{i:04d}.tar' for i in range(start, stop)]
 
 def download(url: str, out_dir, chunk_size: int = 1 << 23) -> Path:
@@ -70,7 +72,7 @@ def read_dreamlip_captions(csv_url: str, wanted: set[str], url_column: str = DRE
     return found
 
 def recap_record(meta: dict, captions: dict[str, str]) -> dict:
-    "An image's img2dataset json joined with its DreamLIP captions: the official format, each field a list of sentences."
+    "An image's img2dataset json plus its DreamLIP captions: the official format, each field a list of sentences."
     record = {k: v for k, v in meta.items() if k != PIXELPROSE_FIELD}  # the alt-text stays as raw_caption
     record.update({field: split_caption(text) for field, text in captions.items()})
     return record
@@ -92,19 +94,22 @@ def write_recap_shard(source, captions: dict[str, dict[str, str]], out) -> tuple
 
 def prepare_cc3m_recap(out_dir, num_shards: int = 4, *, image_shards=None, captions_csv: str = DREAMLIP_CC3M_CSV,
                        keep_downloads: bool = False, progress: bool = True) -> list[str]:
-    "CC3M-recap for a Colab run: `num_shards` cc3m-wds shards joined with DreamLIP's captions, as local training shards."
+    "CC3M-recap for a Colab run: `num_shards` cc3m-wds shards joined with DreamLIP captions, as local training shards."
     out = Path(out_dir).expanduser(); manifest = out / 'recap.json'
     sources = expand_urls(image_shards) if image_shards is not None else cc3m_wds_urls(num_shards)
-    if manifest.exists() and json.loads(manifest.read_text())['sources'] == sources: return json.loads(manifest.read_text())['shards']
+    if manifest.exists() and json.loads(manifest.read_text())['sources'] == sources:
+        return json.loads(manifest.read_text())['shards']
     local = [download(url, out / 'downloads') for url in tqdm(sources, desc='image shards', disable=not progress)]
     wanted = set().union(*(shard_image_urls(path) for path in local))
     captions = read_dreamlip_captions(captions_csv, wanted, progress=progress)
     shards, written, dropped = [str(out / path.name) for path in local], 0, 0
     for path, shard in zip(local, shards):
         w, d = write_recap_shard(path, captions, shard); written, dropped = written + w, dropped + d
-    manifest.write_text(json.dumps({'sources': sources, 'shards': shards, 'samples': written, 'dropped': dropped}, indent=1))
+    manifest.write_text(json.dumps({'sources': sources, 'shards': shards, 'samples': written, 'dropped': dropped},
+                                   indent=1))
     if not keep_downloads: shutil.rmtree(out / 'downloads')
-    _logger.info('CC3M-recap: %d pairs in %d shards under %s (%d images without captions dropped)', written, len(shards), out, dropped)
+    _logger.info('CC3M-recap: %d pairs in %d shards under %s (%d images without captions dropped)',
+                 written, len(shards), out, dropped)
     return shards
 
 # %% ../nbs/06_cc3m.ipynb #60f4d001

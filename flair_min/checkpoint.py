@@ -4,14 +4,15 @@
 
 # %% auto #0
 __all__ = ['HF_REPO', 'unwrap_state_dict', 'config_from_state_dict', 'StateDictMismatchError', 'state_dict_mismatches',
-           'load_state_dict_strict', 'read_checkpoint', 'load_checkpoint', 'download_weights_from_hf',
-           'save_checkpoint', 'link_checkpoint', 'load_checkpoint_file']
+           'load_state_dict_strict', 'read_checkpoint', 'resize_pos_embed', 'fit_state_dict', 'load_checkpoint',
+           'download_weights_from_hf', 'save_checkpoint', 'link_checkpoint', 'load_checkpoint_file']
 
 # %% ../nbs/03_checkpoint.ipynb #b7e37341
-import math, os, pickle
+import math, os, pickle, warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 
@@ -41,8 +42,9 @@ def config_from_state_dict(state_dict: dict) -> FlairConfig:
     return FlairConfig(
         embed_dim=state_dict['text_post.proj'].shape[1], image_size=grid * patch, patch_size=patch,
         vision_width=vision_width, vision_layers=_count_blocks(state_dict, 'visual.transformer.resblocks.'),
-        vision_heads=vision_width // 64, context_length=state_dict['positional_embedding'].shape[0], vocab_size=vocab_size,
-        text_width=text_width, text_layers=_count_blocks(state_dict, 'transformer.resblocks.'), text_heads=text_width // 64,
+        vision_heads=vision_width // 64, context_length=state_dict['positional_embedding'].shape[0],
+        vocab_size=vocab_size, text_width=text_width,
+        text_layers=_count_blocks(state_dict, 'transformer.resblocks.'), text_heads=text_width // 64,
         mlp_ratio=state_dict['visual.transformer.resblocks.0.mlp.c_fc.weight'].shape[0] / vision_width, pool_heads=8)
 
 # %% ../nbs/03_checkpoint.ipynb #cddd2f09
@@ -64,8 +66,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, assign: bool = Fa
     if missing or unexpected or shapes:
         show = lambda xs: f"{len(xs)}: {xs[:8]}{' ...' if len(xs) > 8 else ''}"
         raise StateDictMismatchError(
-            f"state dict does not match {type(model).__name__}: missing keys {show(missing)}; unexpected keys {show(unexpected)}; "
-            f"wrong shapes (key, checkpoint, model) {show(shapes)}. Check that the checkpoint is a FLAIR one and the model name fits it.")
+            f"state dict does not match {type(model).__name__}: missing keys {show(missing)}; "
+            f"unexpected keys {show(unexpected)}; wrong shapes (key, checkpoint, model) {show(shapes)}. "
+            "Check that the checkpoint is a FLAIR one and the model name fits it.")
     model.load_state_dict(state_dict, strict=True, assign=assign)
     return model
 
@@ -88,8 +91,9 @@ def read_checkpoint(path) -> dict:
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if 'WeightsUnpickler error' in line), None)
         if detail is None or not _is_zip(path): raise _unreadable(path, e) from e
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused to unpickle it; it holds Python objects, and flair_min "
-                         f"only loads plain tensors and containers. If you trust the file, re-save its weights alone: "
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused to unpickle it; it holds Python objects, "
+                         f"and flair_min only loads plain tensors and containers. "
+                         f"If you trust the file, re-save its weights alone: "
                          f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path). ({detail})") from e
     except Exception as e:
         raise _unreadable(path, e) from e
@@ -104,10 +108,31 @@ def _unreadable(path: Path, e: Exception) -> ValueError:
     return ValueError(f"{path} {what}; torch.load said {type(e).__name__}: {e}")
 
 # %% ../nbs/03_checkpoint.ipynb #dd900552
+def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    "(1 + g², width) positional embeddings resampled to (1 + grid_size², width): bicubic, antialiased, class row kept."
+    cls, grid = pos_embed[:1], pos_embed[1:]                              # (1, width), (g², width)
+    g = math.isqrt(grid.shape[0])
+    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()          # (1, width, g, g)
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode='bicubic', antialias=True, align_corners=False)
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid_size ** 2, -1)  # (grid_size², width)
+    return torch.cat([cls, grid])                                         # (1 + grid_size², width)
+
+def fit_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    "The state dict as the official loader adapts it: a missing logit_bias set to 0; the patch grid resampled."
+    state_dict, expected = dict(state_dict), model.state_dict()
+    if 'logit_bias' not in state_dict and 'logit_scale' in state_dict and 'logit_bias' in expected:
+        warnings.warn("the checkpoint has no logit_bias (CLIP-style weights): using 0, as the official loader does")
+        state_dict['logit_bias'] = torch.zeros_like(state_dict['logit_scale'])
+    key = 'visual.positional_embedding'
+    old, new = state_dict.get(key), expected.get(key)
+    if old is not None and new is not None and old.shape != new.shape and old.shape[-1] == new.shape[-1]:
+        state_dict[key] = resize_pos_embed(old, math.isqrt(new.shape[0] - 1))
+    return state_dict
+
 def load_checkpoint(model: FLAIR, checkpoint, assign: bool = False) -> FLAIR:
-    "Load a checkpoint file (or a state dict, bare or wrapped) into `model`, strictly."
+    "Load a checkpoint file (or a state dict, bare or wrapped) into `model`, strictly, after `fit_state_dict`."
     state_dict = unwrap_state_dict(checkpoint) if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-    return load_state_dict_strict(model, state_dict, assign=assign)
+    return load_state_dict_strict(model, fit_state_dict(model, state_dict), assign=assign)
 
 # %% ../nbs/03_checkpoint.ipynb #a6d0ad1c
 HF_REPO = 'xiaorui638/flair'  # the authors' hub repository of the released weights
@@ -119,8 +144,8 @@ def download_weights_from_hf(model_repo: str = HF_REPO, filename: str = 'flair-c
         return hf_hub_download(repo_id=model_repo, filename=filename, cache_dir=cache_dir)
     except Exception as e:
         raise RuntimeError(
-            f"could not fetch {filename!r} from the Hugging Face hub repository {model_repo!r} ({type(e).__name__}: {e}). "
-            f"If this machine has no network (or HF_HUB_OFFLINE=1), download "
+            f"could not fetch {filename!r} from the Hugging Face hub repository {model_repo!r} "
+            f"({type(e).__name__}: {e}). If this machine has no network (or HF_HUB_OFFLINE=1), download "
             f"https://huggingface.co/{model_repo}/resolve/main/{filename} elsewhere and pass its local path instead: "
             f"create_model_and_transforms('ViT-B-16-FLAIR', pretrained='/path/to/{filename}').") from e
 

@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['DEMO_CAPTION', 'demo_text_pipeline', 'add_train_arguments', 'toy_shards', 'build_model', 'build_loader',
-           'total_steps', 'train_config_from_args', 'run_train', 'add_eval_arguments', 'load_for_eval', 'run_eval',
-           'add_demo_arguments', 'run_demo_command', 'build_parser', 'main']
+           'apply_recipe', 'total_steps', 'train_config_from_args', 'run_train', 'add_eval_arguments', 'load_for_eval',
+           'run_eval', 'add_demo_arguments', 'run_demo_command', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #9afef86f
-import argparse, json, os, random, sys, time
+import argparse, dataclasses, json, os, random, sys, time
 from pathlib import Path
 
 import torch
@@ -16,13 +16,13 @@ import torch.distributed as dist
 
 from .tokenizer import get_tokenizer
 from .captions import sample_subcaptions, split_caption
-from .model import FLAIR, FlairConfig, PRECISIONS, image_transform
-from .checkpoint import load_checkpoint, read_checkpoint
-from .losses import LOSSES
+from .model import FLAIR, FlairConfig, PRECISIONS
+from .checkpoint import config_from_state_dict, load_checkpoint, read_checkpoint
+from .losses import DISTRIBUTED_LOSSES, LOSSES
 from .data import DataConfig, make_train_loader
 from .cc3m import CC3M_RECAP, cc3m_recap_loader
 from .toyworld import write_shards
-from .train import TrainConfig, Trainer, _plain, init_distributed, write_run_summary
+from .train import RECIPES, TrainConfig, Trainer, _plain, init_distributed, write_run_summary
 from .retrieval import DEFAULT_CHUNK_SIZE, MODES, format_table
 from .eval_sets import BENCHMARKS, evaluate, read_benchmark
 from .pretrained import create_model_and_transforms, resolve_pretrained
@@ -50,45 +50,64 @@ def demo_text_pipeline(caption: str = DEMO_CAPTION, k: int = 8, seed: int = 0, o
 # %% ../nbs/14_cli.ipynb #c960c7d3
 def _add_data_arguments(parser):
     g = parser.add_argument_group('data')
-    g.add_argument('--data', required=True, help="shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, "
-                   "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data on first use)")
-    g.add_argument('--batch-size', type=int, default=128, help='images per step per process (paper: 128)')
-    g.add_argument('--num-captions', type=int, default=8, help='K sub-captions per image (paper: 8)')
+    g.add_argument('--data', required=True,
+                   help="shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, "
+                        "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data on first use)")
+    g.add_argument('--batch-size', type=int, default=None, help="images per step per process (default: the recipe's)")
+    g.add_argument('--num-captions', type=int, default=None, help="K sub-captions per image (default: the recipe's)")
     g.add_argument('--max-merged', type=int, default=3, help='sentences per sub-caption: 1 .. max_merged (paper: 3)')
     g.add_argument('--workers', type=int, default=2, help='DataLoader worker processes')
     g.add_argument('--num-samples', type=int, default=None, help='samples per epoch (default: one pass over the data)')
-    g.add_argument('--resampled', action='store_true', help='draw shards with replacement, forever (needs --num-samples)')
-    g.add_argument('--shuffle-buffer', type=int, default=2000, help='samples held by each worker to shuffle a shard stream')
+    g.add_argument('--resampled', action='store_true',
+                   help='draw shards with replacement, forever (needs --num-samples)')
+    g.add_argument('--shuffle-buffer', type=int, default=2000,
+                   help='samples held by each worker to shuffle a shard stream')
     g.add_argument('--caption-column', default=None, help='tables: the caption column')
     g.add_argument('--image-column', default='image', help='tables: the image column')
     g.add_argument('--toy-samples', type=int, default=2000, help="--data toy: scenes to write")
 
 def _add_model_arguments(parser):
     g = parser.add_argument_group('model')
-    g.add_argument('--model', default='ViT-B-16-FLAIR', help='a preset name, a JSON file, or inline JSON {"preset": ..., fields}')
-    g.add_argument('--pretrained', default=None, help='initialise from this checkpoint (a released file or one of ours)')
+    g.add_argument('--model', default='ViT-B-16-FLAIR',
+                   help='a preset name, a JSON file, or inline JSON {"preset": ..., fields}')
+    g.add_argument('--pretrained', default=None,
+                   help='initialise from this checkpoint (a released file or one of ours)')
+    g.add_argument('--force-image-size', type=int, default=None,
+                   help="train at this image size; a checkpoint's patch grid is resampled to fit (03_checkpoint)")
 
 # %% ../nbs/14_cli.ipynb #90637aa5
 def _add_recipe_arguments(parser):
     d, g = TrainConfig(), parser.add_argument_group('recipe (defaults: the released models)')
-    g.add_argument('--steps', type=int, default=None, help='optimizer steps (or give --epochs with a known epoch length)')
+    g.add_argument('--recipe', choices=list(RECIPES), default='cc3m',
+                   help="a released model's recipe (08_train): batch, K, lr, weight decay, eps, warm-up, epochs; "
+                        "options given explicitly win (default: cc3m)")
+    g.add_argument('--steps', type=int, default=None,
+                   help='optimizer steps (or give --epochs with a known epoch length)')
     g.add_argument('--epochs', type=float, default=None, help='epochs, when --num-samples fixes the epoch length')
-    for name, kind in [('lr', float), ('eps', float), ('weight_decay', float), ('warmup', int), ('accum_steps', int),
-                       ('grad_clip_norm', float), ('loss_chunk_size', int), ('seed', int), ('save_every', int), ('log_every', int)]:
-        g.add_argument('--' + name.replace('_', '-'), type=kind, default=getattr(d, name), help=f'(default {getattr(d, name)})')
+    for name, kind in [('lr', float), ('eps', float), ('weight_decay', float), ('warmup', int)]:
+        g.add_argument('--' + name.replace('_', '-'), type=kind, default=None, help="(default: the recipe's)")
+    for name, kind in [('accum_steps', int), ('grad_clip_norm', float), ('loss_chunk_size', int), ('seed', int),
+                       ('save_every', int), ('log_every', int)]:
+        g.add_argument('--' + name.replace('_', '-'), type=kind, default=getattr(d, name),
+                       help=f'(default {getattr(d, name)})')
     g.add_argument('--betas', type=float, nargs=2, default=d.betas, help=f'AdamW betas (default {d.betas})')
-    g.add_argument('--loss', choices=LOSSES, default=d.loss, help="'flair' (tcs+mps)/2, 'tcs' alone, 'mps' alone (global baseline)")
+    g.add_argument('--loss', choices=LOSSES, default=d.loss,
+                   help="'flair' (tcs+mps)/2, 'tcs' alone, 'mps' alone (global baseline)")
     g.add_argument('--precision', choices=[p for p in PRECISIONS if p not in ('fp16', 'bf16')], default=d.precision,
                    help="02_model §9: 'auto' = 'amp' (fp16 autocast + GradScaler) on CUDA; the CPU trains in fp32")
+    g.add_argument('--distributed-loss', choices=DISTRIBUTED_LOSSES, default=d.distributed_loss,
+                   help="several processes: 'ring', the official objective, or 'gather' (04_losses §7)")
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute tower activations in the backward pass')
     g.add_argument('--device', default=None, help='default: cuda:LOCAL_RANK if available, else cpu')
 
 def _add_output_arguments(parser):
     g = parser.add_argument_group('output')
-    g.add_argument('--out', default='runs/flair', help='run folder: checkpoints/, history.json, loss_curve.png, tensorboard/')
+    g.add_argument('--out', default='runs/flair',
+                   help='run folder: checkpoints/, history.json, loss_curve.png, tensorboard/')
     g.add_argument('--resume', default=None, help="a checkpoint to continue from, or 'latest' (OUT's, if any)")
     g.add_argument('--keep-checkpoints', action='store_true', help='keep every checkpoint, not only latest.pt')
-    g.add_argument('--tensorboard', action='store_true', help='log scalars to OUT/tensorboard (needs the tensorboard package)')
+    g.add_argument('--tensorboard', action='store_true',
+                   help='log scalars to OUT/tensorboard (needs the tensorboard package)')
     g.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -101,7 +120,8 @@ def toy_shards(out_dir, n: int, rank: int = 0) -> str:
     "The toy world's first `n` scenes as shards in `out_dir` (written once, by rank 0); their glob pattern."
     out_dir = Path(out_dir)
     if rank == 0 and not (out_dir / f'done-{n}').exists():
-        write_shards(out_dir, n, samples_per_shard=max(1, min(1000, -(-n // 16))), workers=min(4, os.cpu_count() or 1))  # >= 16 shards
+        # >= 16 shards
+        write_shards(out_dir, n, samples_per_shard=max(1, min(1000, -(-n // 16))), workers=min(4, os.cpu_count() or 1))
         (out_dir / f'done-{n}').touch()
     if dist.is_initialized(): dist.barrier()
     return str(out_dir / 'toy-train-*.tar')
@@ -109,7 +129,9 @@ def toy_shards(out_dir, n: int, rank: int = 0) -> str:
 def build_model(args) -> FLAIR:
     "The model of `--model`, seeded by `--seed`, initialised from `--pretrained` if given."
     torch.manual_seed(args.seed)
-    model = FLAIR(FlairConfig.resolve(args.model))
+    config = FlairConfig.resolve(args.model)
+    if args.force_image_size: config = dataclasses.replace(config, image_size=args.force_image_size)
+    model = FLAIR(config)
     if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained))
     return model
 
@@ -117,33 +139,48 @@ def build_loader(args, model: FLAIR, rank: int, world: int):
     "The training loader of `--data`, matched to the model's image size and context length."
     source = toy_shards(Path(args.out) / 'toy-data', args.toy_samples, rank) if args.data == 'toy' else args.data
     config = DataConfig(batch_size=args.batch_size, num_captions=args.num_captions, max_merged=args.max_merged,
-                        image_size=model.config.image_size, context_length=model.config.context_length, num_workers=args.workers,
-                        shuffle_buffer=args.shuffle_buffer, resampled=args.resampled, num_samples=args.num_samples,
-                        seed=args.seed, caption_column=args.caption_column, image_column=args.image_column)
+                        image_size=model.config.image_size, context_length=model.config.context_length,
+                        num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, resampled=args.resampled,
+                        num_samples=args.num_samples, seed=args.seed, caption_column=args.caption_column,
+                        image_column=args.image_column)
     if source == CC3M_RECAP: return cc3m_recap_loader(config, rank=rank, world_size=world)
     return make_train_loader(source, config, rank=rank, world_size=world)
 
 # %% ../nbs/14_cli.ipynb #ce1714aa
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    "The options with every one left unset taken from `--recipe` (08_train's RECIPES)."
+    recipe, args = RECIPES[args.recipe], argparse.Namespace(**vars(args))
+    for name in ('batch_size', 'num_captions', 'lr', 'eps', 'weight_decay', 'warmup'):
+        if getattr(args, name) is None: setattr(args, name, getattr(recipe, name))
+    if args.steps is None and args.epochs is None: args.epochs = recipe.epochs
+    return args
+
 def total_steps(args, loader) -> int:
     "--steps, or --epochs × the loader's batches per epoch / --accum-steps."
     if args.steps is not None: return args.steps
     if args.epochs is None: raise ValueError("give --steps, or --epochs together with --num-samples (the epoch length)")
-    try: per_epoch = len(loader)
-    except TypeError: raise ValueError("--epochs needs a known epoch length: add --num-samples, or give --steps") from None
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        raise ValueError(f"--epochs {args.epochs:g} needs a known epoch length: add --num-samples, or give --steps"
+                         ) from None
     return max(1, int(args.epochs * per_epoch) // args.accum_steps)
 
 def train_config_from_args(args, steps: int) -> TrainConfig:
     "The TrainConfig of the command-line options."
     return TrainConfig(steps=steps, lr=args.lr, betas=tuple(args.betas), eps=args.eps, weight_decay=args.weight_decay,
-                       warmup=args.warmup, loss=args.loss, loss_chunk_size=args.loss_chunk_size, accum_steps=args.accum_steps,
-                       precision=args.precision, grad_clip_norm=args.grad_clip_norm, grad_checkpointing=args.grad_checkpointing,
-                       seed=args.seed, device=args.device, out_dir=args.out, save_every=args.save_every,
+                       warmup=args.warmup, loss=args.loss, loss_chunk_size=args.loss_chunk_size,
+                       accum_steps=args.accum_steps, precision=args.precision, grad_clip_norm=args.grad_clip_norm,
+                       grad_checkpointing=args.grad_checkpointing, seed=args.seed, device=args.device, out_dir=args.out,
+                       save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, resume=args.resume, log_every=args.log_every,
-                       progress=not args.no_progress, tensorboard=args.tensorboard)
+                       progress=not args.no_progress, tensorboard=args.tensorboard,
+                       distributed_loss=args.distributed_loss)
 
 # %% ../nbs/14_cli.ipynb #6f0ca382
 def run_train(args) -> dict:
     "`flair-min train`: train a FLAIR model as the parsed options say; returns the history."
+    args = apply_recipe(args)
     joined = not dist.is_initialized()
     rank, world = init_distributed()
     try:
@@ -163,37 +200,54 @@ def run_train(args) -> dict:
 # %% ../nbs/14_cli.ipynb #f1611361
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `flair-min eval` on `parser`."
-    parser.add_argument('--model', default=None, help="preset name, e.g. ViT-B-16-FLAIR (default: read the architecture off the checkpoint)")
-    parser.add_argument('--pretrained', required=True, help='checkpoint: a released file name (flair-cc3m-recap.pt, ...) or a local path')
+    parser.add_argument('--model', default=None,
+                        help="preset name, e.g. ViT-B-16-FLAIR (default: read the architecture off the checkpoint)")
+    parser.add_argument('--pretrained', required=True,
+                        help='checkpoint: a released file name (flair-cc3m-recap.pt, ...) or a local path')
     parser.add_argument('--dataset', required=True, choices=list(BENCHMARKS), help='benchmark to evaluate on')
-    parser.add_argument('--root', required=True, help="the benchmark's folder, in the official layout (a wrong one fails with the expected layout)")
-    parser.add_argument('--mode', default='flair', choices=MODES, help='scoring: pooled per text (flair), top-k rescoring (topk), or global')
-    parser.add_argument('--topk', type=int, default=128, help='texts rescored per image in topk mode (paper: 128 or 256)')
+    parser.add_argument('--split', default=None,
+                        help="flickr30k: the annotation file's split, flickr30k_<split>.json (default: val, as the "
+                             "official evaluation and its published numbers)")
+    parser.add_argument('--force-image-size', type=int, default=None,
+                        help='evaluate at this image size; the patch grid is resampled (03_checkpoint)')
+    parser.add_argument('--root', required=True,
+                        help="the benchmark's folder, in the official layout "
+                             "(a wrong one fails with the expected layout)")
+    parser.add_argument('--mode', default='flair', choices=MODES,
+                        help='scoring: pooled per text (flair), top-k rescoring (topk), or global')
+    parser.add_argument('--topk', type=int, default=128,
+                        help='texts rescored per image in topk mode (paper: 128 or 256)')
     parser.add_argument('--batch-size', type=int, default=64, help='images per batch')
     parser.add_argument('--workers', type=int, default=4, help='image loading processes')
-    parser.add_argument('--chunk-size', type=int, default=DEFAULT_CHUNK_SIZE, help='(image, text) pairs pooled at once: bounds the memory')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (cuda runs with float16 autocast)')
-    parser.add_argument('--output', default=None, help='JSON file for the results (default: eval_<dataset>_<mode>.json)')
+    parser.add_argument('--chunk-size', type=int, default=DEFAULT_CHUNK_SIZE,
+                        help='(image, text) pairs pooled at once: bounds the memory')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu (cuda runs with float16 autocast)')
+    parser.add_argument('--output', default=None,
+                        help='JSON file for the results (default: eval_<dataset>_<mode>.json)')
     return parser
 
-def load_for_eval(model_name, pretrained, device):
+def load_for_eval(model_name, pretrained, device, force_image_size: int | None = None):
     "(model, evaluation transform): a preset built and loaded strictly, or the architecture read off the checkpoint."
-    if model_name is not None:
-        model, _, preprocess = create_model_and_transforms(model_name, pretrained=pretrained, device=device)
-        return model.eval(), preprocess
-    model = FLAIR.from_state_dict(read_checkpoint(resolve_pretrained(pretrained)), assign=True).to(device).eval()
-    return model, image_transform(model.config.image_size)
+    if model_name is None:
+        state_dict = read_checkpoint(resolve_pretrained(pretrained))
+        model_name = config_from_state_dict(state_dict)
+        pretrained = state_dict
+    model, _, preprocess = create_model_and_transforms(model_name, pretrained=pretrained, device=device,
+                                                       force_image_size=force_image_size)
+    return model.eval(), preprocess
 
 # %% ../nbs/14_cli.ipynb #78104e72
 def run_eval(args: argparse.Namespace) -> dict:
     "Run `flair-min eval`: read the benchmark, load the model, score, print a table, write JSON; return the results."
-    benchmark = read_benchmark(args.dataset, args.root)
-    model, preprocess = load_for_eval(args.model, args.pretrained, args.device)
+    benchmark = read_benchmark(args.dataset, args.root, split=args.split)
+    model, preprocess = load_for_eval(args.model, args.pretrained, args.device, args.force_image_size)
     tokenizer = get_tokenizer(context_length=model.config.context_length)
     start = time.perf_counter()
     metrics = evaluate(model, benchmark, preprocess, tokenizer, args.mode, args.topk, args.batch_size, args.workers,
                        args.device, args.chunk_size, progress=True)
-    results = {'dataset': args.dataset, 'root': str(args.root), 'mode': args.mode, 'topk': args.topk if args.mode == 'topk' else None,
+    results = {'dataset': args.dataset, 'split': args.split, 'root': str(args.root), 'mode': args.mode,
+               'topk': args.topk if args.mode == 'topk' else None,
                'model': args.model, 'pretrained': str(args.pretrained), 'num_images': len(benchmark.images),
                'num_texts': len(benchmark.texts), 'seconds': round(time.perf_counter() - start, 2), 'metrics': metrics}
     output = Path(args.output or f'eval_{args.dataset}_{args.mode}.json')
@@ -206,7 +260,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     "The options of `flair-min demo`; unset ones take the value of the preset (full, `--quick` or `--long`)."
     parser.add_argument('--out', default=None, help="output folder (default: runs/demo)")
     parser.add_argument('--quick', action='store_true', help='the two-minute variant (small world, short training)')
-    parser.add_argument('--long', action='store_true', help='the 20-odd-minute variant: 48-pixel images, one patch per cell, 3,200 steps')
+    parser.add_argument('--long', action='store_true',
+                        help='the 20-odd-minute variant: 48-pixel images, one patch per cell, 3,200 steps')
     parser.add_argument('--seed', type=int, default=None, help='seed of the world, weights and data order (default: 0)')
     parser.add_argument('--steps', type=int, default=None, help='optimizer steps per model')
     parser.add_argument('--batch-size', type=int, default=None, help='images per step')
@@ -230,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     "The `flair-min` argument parser, one subparser per job."
     parser = argparse.ArgumentParser(prog='flair-min', description='FLAIR, rebuilt notebook first.')
     jobs = parser.add_subparsers(dest='job', required=True)
-    add_demo_arguments(jobs.add_parser('demo', help='toy world: FLAIR vs a global baseline, trained and compared on the CPU'))
-    add_train_arguments(jobs.add_parser('train', help='train FLAIR on shards, cc3m-recap, a folder/parquet, or the toy world'))
+    add_demo_arguments(jobs.add_parser('demo',
+                                       help='toy world: FLAIR vs a global baseline, trained and compared on the CPU'))
+    add_train_arguments(jobs.add_parser('train',
+                                        help='train FLAIR on shards, cc3m-recap, a folder/parquet, or the toy world'))
     add_eval_arguments(jobs.add_parser('eval', help='retrieval evaluation on a benchmark in its official layout'))
     captions = jobs.add_parser('captions', help="FLAIR's text pipeline on a long caption (split, sample, tokenize)")
     captions.add_argument('--caption', default=DEMO_CAPTION, help='the long caption (default: a built-in one)')

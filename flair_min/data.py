@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SKIP_KINDS', 'COUNT_KINDS', 'SkipSample', 'members', 'raw_record', 'is_blank', 'sentence_pool',
-           'raw_image', 'seeded', 'SamplePipeline', 'make_pipeline', 'SampleCounter', 'skip_report', 'expand_braces',
-           'glob_url', 'expand_urls', 'open_stream', 'split_member_name', 'TailReader', 'check_complete', 'tar_samples',
-           'encode_member', 'write_shard', 'shuffled', 'Split', 'distributed_rank', 'current_split', 'StreamBase',
-           'TrainStream', 'ShardStream', 'caption_columns', 'image_cell_bytes', 'table_sample', 'undecoded',
-           'TableStream', 'load_table', 'DataConfig', 'source_kind', 'make_stream', 'TrainLoader', 'make_train_loader']
+           'raw_image', 'as_rgb', 'seeded', 'SamplePipeline', 'make_pipeline', 'SampleCounter', 'skip_report',
+           'expand_braces', 'glob_url', 'expand_urls', 'open_stream', 'split_member_name', 'TailReader',
+           'check_complete', 'tar_samples', 'encode_member', 'write_shard', 'shuffled', 'Split', 'distributed_rank',
+           'current_split', 'StreamBase', 'TrainStream', 'ShardStream', 'caption_columns', 'image_cell_bytes',
+           'table_sample', 'undecoded', 'TableStream', 'load_table', 'DataConfig', 'source_kind', 'make_stream',
+           'TrainLoader', 'make_train_loader']
 
 # %% ../nbs/05_data.ipynb #f4069e06
 import dataclasses, io, json, logging, math, os, random, re, tarfile, urllib.request, zlib
@@ -23,7 +24,6 @@ import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from .captions import DREAMLIP_FIELDS, PIXELPROSE_FIELD, caption_pool, sample_subcaptions, split_caption
 from .model import image_transform
@@ -53,7 +53,8 @@ def raw_record(raw: dict) -> dict:
     if raw.get('json') is not None:
         try: record = json.loads(raw['json'])
         except ValueError as e: raise SkipSample('bad_json', f'json does not parse ({e})') from None
-        if not isinstance(record, dict): raise SkipSample('bad_json', f'json holds a {type(record).__name__}; expected an object')
+        if not isinstance(record, dict):
+            raise SkipSample('bad_json', f'json holds a {type(record).__name__}; expected an object')
         return record
     if raw.get('txt') is not None:
         text = raw['txt']
@@ -70,25 +71,34 @@ def sentence_pool(record: dict) -> list[str]:
     fields = [f for f in DREAMLIP_FIELDS if record.get(f) is not None]
     fields = fields or [f for f in [PIXELPROSE_FIELD] if record.get(f) is not None]  # as caption_pool: DreamLIP first
     if not fields: raise SkipSample('no_caption', f'no caption field; keys: {sorted(record)[:10]}')
-    if all(is_blank(record[f]) for f in fields): raise SkipSample('empty_caption', f'caption fields {fields} hold no text')
+    if all(is_blank(record[f]) for f in fields):
+        raise SkipSample('empty_caption', f'caption fields {fields} hold no text')
     try: pool = caption_pool({f: record[f] for f in fields})
     except (ValueError, TypeError) as e: raise SkipSample('bad_caption', str(e)) from None
     return [s for s in pool if s.strip()]
 
 # %% ../nbs/05_data.ipynb #38ceb9d9
 def raw_image(raw: dict, draft_size: int | None = None) -> Image.Image:
-    "Decode the sample's image (the first of IMAGE_EXTENSIONS present); JPEGs at reduced size when `draft_size` is given."
+    "Decode the sample's image (the first of IMAGE_EXTENSIONS present); JPEGs at reduced size if `draft_size` is given."
     data = next((raw[ext] for ext in ('image', *IMAGE_EXTENSIONS) if raw.get(ext) is not None), None)
-    if data is None: raise SkipSample('no_image', f'no image member; expected one of {IMAGE_EXTENSIONS}, found {members(raw)}')
+    if data is None:
+        raise SkipSample('no_image', f'no image member; expected one of {IMAGE_EXTENSIONS}, found {members(raw)}')
     try:
         image = Image.open(io.BytesIO(data))
-        if draft_size and image.format == 'JPEG': image.draft('RGB', (draft_size, draft_size))  # decode at 1/2, 1/4 or 1/8
+        if draft_size and image.format == 'JPEG':
+            image.draft('RGB', (draft_size, draft_size))  # decode at 1/2, 1/4 or 1/8
         image.load()
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
+    except Exception as e:  # PIL: UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
         raise SkipSample('corrupt_image', f'{type(e).__name__}: {e}') from None
     return image
 
 # %% ../nbs/05_data.ipynb #04926778
+def as_rgb(image: Image.Image) -> Image.Image:
+    "The image in RGB (palette, grey, RGBA, LA, CMYK converted); a conversion failure is a corrupt image."
+    if image.mode == 'RGB': return image
+    try: return image.convert('RGB')
+    except Exception as e: raise SkipSample('corrupt_image', f'cannot convert {image.mode} to RGB: {e}') from None
+
 def seeded(fn: Callable, seed: int, *args):
     "`fn(*args)` with torch's CPU generator seeded by `seed`; torch's global random state is left as it was."
     with torch.random.fork_rng(devices=[]):                             # saves and restores the CPU generator only
@@ -108,15 +118,17 @@ class SamplePipeline:
     def __call__(self, raw: dict, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         if raw.get('__skip__'): raise SkipSample(*raw['__skip__'])          # a reader's own failure (a bad shard)
         pool = sentence_pool(raw_record(raw))
-        image = raw_image(raw, self.draft_size)
-        try: pixels = seeded(self.transform, rng.getrandbits(63), image)      # (3, H, W); the crop's randomness from rng
-        except Exception as e: raise SkipSample('corrupt_image', f'transform failed: {type(e).__name__}: {e}') from None
+        image = as_rgb(raw_image(raw, self.draft_size))   # RGB before the crop, as the official loader's "pilrgb"
+        try: pixels = seeded(self.transform, rng.getrandbits(63), image)  # (3, H, W); the crop's randomness from rng
+        except Exception as e:
+            raise SkipSample('corrupt_image', f'transform failed: {type(e).__name__}: {e}') from None
         texts = sample_subcaptions(pool, self.num_captions, self.max_merged, rng)
         kwargs = {} if self.context_length is None else {'context_length': self.context_length}
         return pixels, self.tokenizer(texts, **kwargs)                         # (3, H, W), (K, context_length)
 
 def make_pipeline(image_size: int = 224, num_captions: int = 8, max_merged: int = 3, context_length: int | None = 77,
-                  draft: bool = False, transform: Callable | None = None, tokenizer: Callable | None = None) -> SamplePipeline:
+                  draft: bool = False, transform: Callable | None = None,
+                  tokenizer: Callable | None = None) -> SamplePipeline:
     "The training pipeline with FLAIR's transform and the CLIP tokenizer unless others are given."
     transform = transform or image_transform(image_size, is_train=True)
     return SamplePipeline(transform, tokenizer or get_tokenizer(), num_captions, max_merged, context_length,
@@ -128,13 +140,15 @@ COUNT_KINDS = ('ok', *SKIP_KINDS)
 class SampleCounter:
     "Kept ('ok') and skipped samples by kind, one row per DataLoader worker, in shared memory."
     def __init__(self, max_workers: int = 64):
-        self.table = torch.zeros(max_workers + 1, len(COUNT_KINDS), dtype=torch.long).share_memory_()  # (1 + workers, kinds)
+        # (1 + workers, kinds)
+        self.table = torch.zeros(max_workers + 1, len(COUNT_KINDS), dtype=torch.long).share_memory_()
 
     def row(self) -> int:
         "This process's row: 0 in the main process, 1 + id in DataLoader worker `id`."
         info = get_worker_info()
         if info is None: return 0
-        if info.id + 1 >= len(self.table): raise ValueError(f"worker {info.id} has no counter row: max_workers={len(self.table) - 1}")
+        if info.id + 1 >= len(self.table):
+            raise ValueError(f"worker {info.id} has no counter row: max_workers={len(self.table) - 1}")
         return info.id + 1
 
     def add(self, kind: str): self.table[self.row(), COUNT_KINDS.index(kind)] += 1
@@ -153,7 +167,7 @@ def skip_report(counts: dict[str, int]) -> str:
 _BRACE = re.compile(r'\{([^{}]*)\}')
 
 def expand_braces(pattern: str) -> list[str]:
-    "Expand every {a..b} range and {x,y} list: 'cc3m-{0000..0002}.tar' → ['cc3m-0000.tar', 'cc3m-0001.tar', 'cc3m-0002.tar']."
+    "Expand every {a..b} range and {x,y} list: 'cc3m-{00..02}.tar' → ['cc3m-00.tar', 'cc3m-01.tar', 'cc3m-02.tar']."
     match = _BRACE.search(pattern)
     if match is None:
         if '{' in pattern or '}' in pattern: raise ValueError(f"unbalanced brace in {pattern!r}")
@@ -179,12 +193,13 @@ def expand_urls(urls) -> list[str]:
     "Shard URLs from a pattern, '::'-separated patterns or a list: braces expanded, wildcards matched."
     patterns = str(urls).split('::') if isinstance(urls, (str, Path)) else [str(u) for u in urls]
     out = [url for p in patterns for name in expand_braces(p) for url in glob_url(name)]
-    if not out: raise ValueError(f"no shard URLs in {urls!r}; expected e.g. 'path/cc3m-train-{{0000..0575}}.tar'")
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}; expected e.g. 'path/cc3m-train-{{0000..0575}}.tar'")
     return out
 
 # %% ../nbs/05_data.ipynb #358758cb
 def open_stream(url: str):
-    "A binary file object that reads `url` front to back: a local path, http(s):// (stdlib), or any fsspec URL (hf://, s3://, …)."
+    "A binary stream reading `url` front to back: local path, http(s):// (stdlib), or any fsspec URL (hf://, s3://, …)."
     if url.startswith(('http://', 'https://')): return urllib.request.urlopen(url, timeout=60)
     fs, path = fsspec.core.url_to_fs(url)
     if isinstance(fs, LocalFileSystem): return open(path, 'rb')
@@ -192,7 +207,7 @@ def open_stream(url: str):
     return fs.open(path, 'rb', block_size=0) if 'hf' in protocols else fs.open(path, 'rb')  # hf: one streaming request
 
 def split_member_name(name: str) -> tuple[str, str]:
-    "'dir/000123.jpg' → ('dir/000123', 'jpg'): the key is the path up to the file name's first dot, the extension the rest."
+    "'dir/000123.jpg' → ('dir/000123', 'jpg'): key = the path up to the file name's first dot, extension = the rest."
     folder, _, base = name.rpartition('/')
     stem, _, ext = base.partition('.')
     return (f'{folder}/{stem}' if folder else stem), ext.lower()
@@ -206,13 +221,13 @@ class TailReader:
         return data
 
 def check_complete(tar: tarfile.TarFile, reader: TailReader):
-    "Raise if an uncompressed tar stream lacks its end-of-archive marker (tarfile ends quietly at a cut between members)."
+    "Raise if an uncompressed tar lacks its end-of-archive marker (tarfile ends quietly at a cut between members)."
     if tar.fileobj.comptype != 'tar': return                  # compressed: the decompressor notices a cut
     while reader.read(1 << 16): pass                          # what is left is zero padding
     if reader.tail != bytes(1024): raise tarfile.ReadError('no end-of-archive marker: the shard was cut short')
 
 def tar_samples(url: str) -> Iterator[dict]:
-    "The samples of one tar shard, members grouped by key: {'__key__', '__url__', ext: bytes, …}; an unreadable shard ends with a '__skip__' record."
+    "Tar shard samples by key: {'__key__', '__url__', ext: bytes, …}; an unreadable shard ends in a '__skip__' record."
     sample = {}
     try:
         with open_stream(url) as stream, tarfile.open(fileobj=(reader := TailReader(stream)), mode='r|*') as tar:
@@ -251,7 +266,7 @@ def write_shard(path, samples: Iterable[dict]) -> int:
 
 # %% ../nbs/05_data.ipynb #208f6792
 def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
-    "An approximate shuffle of a stream: hold `buffer_size` items, emit a random one as each new item arrives, then the rest."
+    "Approximate shuffle: hold `buffer_size` items, emit a random one as each new item arrives, then the rest."
     if buffer_size <= 1: yield from items; return
     buffer = []
     for item in items:
@@ -264,7 +279,7 @@ def shuffled(items: Iterable, buffer_size: int, rng: random.Random) -> Iterator:
 
 # %% ../nbs/05_data.ipynb #23f0660c
 class Split(NamedTuple):
-    "Which part of the data a process reads: DataLoader worker `worker` of `num_workers`, on rank `rank` of `world_size`."
+    "The part of the data a process reads: DataLoader worker `worker` of `num_workers`, on rank `rank` of `world_size`."
     rank: int = 0
     world_size: int = 1
     worker: int = 0
@@ -282,7 +297,8 @@ def distributed_rank(rank: int | None = None, world_size: int | None = None) -> 
         initialised = dist.is_available() and dist.is_initialized()
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
     rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size: raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
     return rank, world_size
 
 def current_split(rank: int, world_size: int) -> Split:
@@ -293,10 +309,13 @@ def current_split(rank: int, world_size: int) -> Split:
 # %% ../nbs/05_data.ipynb #802f17f0
 class StreamBase(IterableDataset):
     "The bookkeeping of a training stream: epoch, counters, random generators and the per-process quota."
-    def __init__(self, *, shuffle: bool = True, resampled: bool = False, num_samples: int | None = None, batch_size: int = 1,
-                 seed: int | None = None, rank: int | None = None, world_size: int | None = None, max_workers: int = 64):
-        if resampled and num_samples is None: raise ValueError("resampled=True draws samples forever: pass num_samples (samples per epoch)")
-        self.shuffle, self.resampled, self.num_samples, self.batch_size, self.seed = shuffle, resampled, num_samples, batch_size, seed
+    def __init__(self, *, shuffle: bool = True, resampled: bool = False, num_samples: int | None = None,
+                 batch_size: int = 1, seed: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 max_workers: int = 64):
+        if resampled and num_samples is None:
+            raise ValueError("resampled=True draws samples forever: pass num_samples (samples per epoch)")
+        self.shuffle, self.resampled, self.num_samples, self.batch_size, self.seed = \
+            shuffle, resampled, num_samples, batch_size, seed
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self.counter, self.epoch_tensor = SampleCounter(max_workers), torch.zeros(1, dtype=torch.long).share_memory_()
         self.num_workers = 0                                              # set by make_train_loader, for len()
@@ -319,14 +338,14 @@ class StreamBase(IterableDataset):
         return order, own
 
     def __len__(self) -> int:
-        "Samples per epoch on this rank (known only with num_samples): what DataLoader's len() divides by the batch size."
+        "Samples per epoch on this rank (known only with num_samples): what DataLoader's len() divides by batch size."
         quota = self.quota(Split(self.rank, self.world_size, 0, max(1, self.num_workers)))
         if quota is None: raise TypeError("the number of samples is unknown until the data is read: pass num_samples")
         return quota * max(1, self.num_workers)
 
 # %% ../nbs/05_data.ipynb #52521e9f
 class TrainStream(StreamBase):
-    "Training pairs from some source (`raw_samples`): split across workers and ranks, decoded, bad samples skipped and counted."
+    "Training pairs from a source (`raw_samples`): split over workers and ranks, decoded, bad ones skipped and counted."
     def __init__(self, pipeline: Callable, *, log_first: int = 5, max_consecutive_skips: int | None = 1000,
                  with_keys: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -356,8 +375,8 @@ class TrainStream(StreamBase):
             _logger.warning('skipped sample %r of %s: %s%s', raw.get('__key__'), raw.get('__url__'), skip,
                            '' if self._logged < self.log_first else ' (further skips are counted, not logged)')
         if self.max_consecutive_skips and streak >= self.max_consecutive_skips:
-            raise RuntimeError(f"{streak} samples in a row were skipped (last: {skip}); is the data in the expected format? "
-                               f"counts so far: {self.counts()}")
+            raise RuntimeError(f"{streak} samples in a row were skipped (last: {skip}); "
+                               f"is the data in the expected format? counts so far: {self.counts()}")
 
 # %% ../nbs/05_data.ipynb #f1ef668a
 class ShardStream(TrainStream):
@@ -381,15 +400,17 @@ class ShardStream(TrainStream):
 
 # %% ../nbs/05_data.ipynb #26240683
 def caption_columns(columns: list[str], caption_column: str | None = None) -> dict[str, str]:
-    "Caption columns → record fields: the DreamLIP fields present, else `caption_column` / 'caption' / 'text' as 'caption'."
+    "Caption columns → record fields: DreamLIP fields present, else `caption_column` / 'caption' / 'text' as 'caption'."
     if caption_column is not None:
-        if caption_column not in columns: raise ValueError(f"caption_column {caption_column!r} is not a column; columns: {columns}")
+        if caption_column not in columns:
+            raise ValueError(f"caption_column {caption_column!r} is not a column; columns: {columns}")
         return {caption_column: caption_column if caption_column in DREAMLIP_FIELDS else PIXELPROSE_FIELD}
     found = {c: c for c in DREAMLIP_FIELDS if c in columns}
     if found: return found
     for column in (PIXELPROSE_FIELD, 'text'):
         if column in columns: return {column: PIXELPROSE_FIELD}
-    raise ValueError(f"no caption column among {columns}: expected DreamLIP fields, 'caption' or 'text', or pass caption_column")
+    raise ValueError(f"no caption column among {columns}: "
+                     "expected DreamLIP fields, 'caption' or 'text', or pass caption_column")
 
 def image_cell_bytes(value) -> bytes | None:
     "Bytes of an image cell: a datasets Image {'bytes', 'path'}, raw bytes, or a path / URL."
@@ -401,10 +422,12 @@ def table_sample(row: dict, index: int, image_column: str, captions: dict[str, s
     "A raw sample from a table row: the image bytes and a record of its non-missing caption columns."
     cell = row[image_column]
     key = cell.get('path') if isinstance(cell, dict) and cell.get('path') else str(index)
-    raw = {'__key__': key, '__url__': name, 'record': {field: row[c] for c, field in captions.items() if row[c] is not None}}
+    raw = {'__key__': key, '__url__': name,
+           'record': {field: row[c] for c, field in captions.items() if row[c] is not None}}
     try: raw['image'] = image_cell_bytes(cell)
     except OSError as e: raw['__skip__'] = ('no_image', f'image file unreadable: {e}')
-    if raw.get('image') is None and '__skip__' not in raw: raw['__skip__'] = ('no_image', f'no image in column {image_column!r}')
+    if raw.get('image') is None and '__skip__' not in raw:
+        raw['__skip__'] = ('no_image', f'no image in column {image_column!r}')
     return raw
 
 # %% ../nbs/05_data.ipynb #4b81d1c3
@@ -413,7 +436,8 @@ def undecoded(table, image_column: str):
     from datasets import Image as ImageFeature
     if image_column not in table.column_names:
         raise ValueError(f"image_column {image_column!r} is not a column; columns: {table.column_names}")
-    if isinstance(table.features[image_column], ImageFeature): return table.cast_column(image_column, ImageFeature(decode=False))
+    if isinstance(table.features[image_column], ImageFeature):
+        return table.cast_column(image_column, ImageFeature(decode=False))
     return table
 
 class TableStream(TrainStream):
@@ -449,7 +473,8 @@ def load_table(source, split: str = 'train', cache_dir: str | None = None):
         paths = [str(p) for p in sorted(folder.glob('*.parquet'))]
     if all(p.endswith('.parquet') for p in paths):
         return datasets.load_dataset('parquet', data_files=paths, split=split, cache_dir=cache_dir)
-    raise ValueError(f"cannot load {source!r} as a table: expected an image folder, parquet file(s) or a datasets.Dataset")
+    raise ValueError(f"cannot load {source!r} as a table: "
+                     "expected an image folder, parquet file(s) or a datasets.Dataset")
 
 # %% ../nbs/05_data.ipynb #2ad70a27
 @dataclass
@@ -477,9 +502,10 @@ def source_kind(source) -> str:
         return 'table' if all(str(s).endswith('.parquet') for s in source) else 'shards'
     source = str(source)
     if source == 'cc3m-recap':
-        raise ValueError("'cc3m-recap' is prepared from the hub first: use flair_min.cc3m.cc3m_recap_loader(...), or pass "
-                         "the local shards that flair_min.cc3m.prepare_cc3m_recap(...) returns")
-    if source.endswith(('.tar', '.tar.gz', '.tgz')) or any(c in source for c in '{*?') or '::' in source: return 'shards'
+        raise ValueError("'cc3m-recap' is prepared from the hub first: use flair_min.cc3m.cc3m_recap_loader(...), "
+                         "or pass the local shards that flair_min.cc3m.prepare_cc3m_recap(...) returns")
+    if source.endswith(('.tar', '.tar.gz', '.tgz')) or any(c in source for c in '{*?') or '::' in source:
+        return 'shards'
     if source.endswith('.parquet'): return 'table'
     if Path(source).is_dir(): return 'shards' if any(Path(source).glob('*.tar')) else 'table'
     raise ValueError(f"cannot tell what {source!r} is: expected tar shard URL(s), "
@@ -490,7 +516,8 @@ def make_stream(source, pipeline: Callable, config: 'DataConfig', **kwargs) -> T
     kwargs = dict(resampled=config.resampled, num_samples=config.num_samples, batch_size=config.batch_size,
                   seed=config.seed, **kwargs)
     kind = source_kind(source)
-    if kind == 'shards' and isinstance(source, (str, Path)) and Path(source).is_dir(): source = str(Path(source) / '*.tar')
+    if kind == 'shards' and isinstance(source, (str, Path)) and Path(source).is_dir():
+        source = str(Path(source) / '*.tar')
     if kind == 'table':
         name = source if isinstance(source, (str, Path)) else 'table'
         return TableStream(load_table(source), pipeline, image_column=config.image_column,
@@ -499,7 +526,7 @@ def make_stream(source, pipeline: Callable, config: 'DataConfig', **kwargs) -> T
 
 # %% ../nbs/05_data.ipynb #1acbc2be
 class TrainLoader(DataLoader):
-    "A DataLoader of FLAIR training batches that moves its stream to a new epoch on each pass and reports skipped samples."
+    "A DataLoader of FLAIR training batches that advances its stream's epoch on each pass and reports skipped samples."
     def __init__(self, dataset: TrainStream, **kwargs):
         super().__init__(dataset, **kwargs)
         self.epoch = 0
@@ -522,7 +549,8 @@ def make_train_loader(source, config: DataConfig | None = None, *, transform: Ca
                       with_keys: bool = False, **overrides) -> TrainLoader:
     "Batches (images (B, 3, H, W), texts (B, K, context_length)) from shards, a folder or parquet."
     names = {f.name for f in dataclasses.fields(DataConfig)}
-    if unknown := sorted(set(overrides) - names): raise TypeError(f"unknown DataConfig fields {unknown}; expected some of {sorted(names)}")
+    if unknown := sorted(set(overrides) - names):
+        raise TypeError(f"unknown DataConfig fields {unknown}; expected some of {sorted(names)}")
     config = dataclasses.replace(config or DataConfig(), **overrides)
     pipeline = make_pipeline(config.image_size, config.num_captions, config.max_merged, config.context_length,
                              config.draft, transform, tokenizer)
@@ -530,7 +558,9 @@ def make_train_loader(source, config: DataConfig | None = None, *, transform: Ca
     stream.num_workers = config.num_workers
     splits = max(1, config.num_workers) * stream.world_size
     if isinstance(stream, ShardStream) and not config.resampled and len(stream.urls) < splits:
-        _logger.warning('%d shards for %d reading processes: some read nothing; use more shards or resampled=True', len(stream.urls), splits)
+        _logger.warning('%d shards for %d reading processes: some read nothing; use more shards or resampled=True',
+                        len(stream.urls), splits)
     workers = config.num_workers > 0
     return TrainLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
-                       pin_memory=torch.cuda.is_available(), persistent_workers=workers, prefetch_factor=2 if workers else None)
+                       pin_memory=torch.cuda.is_available(), persistent_workers=workers,
+                       prefetch_factor=2 if workers else None)

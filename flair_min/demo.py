@@ -25,11 +25,10 @@ from PIL import Image
 from .checkpoint import save_checkpoint
 from .data import make_train_loader
 from .model import FLAIR, FlairConfig, image_transform
-from .retrieval import (evaluate_retrieval, image_to_text_ranks, retrieval_metrics, retrieval_scores,
-                                 text_to_image_ranks)
+from .retrieval import evaluate_retrieval, image_to_text_ranks, retrieval_scores, text_to_image_ranks
 from .tokenizer import get_tokenizer
-from .toyworld import (ToyObject, ToyWorldConfig, load_eval_split, make_eval_split, patch_coverage, pointing_game,
-                                save_eval_split, write_shards)
+from .toyworld import (ToyObject, ToyWorldConfig, load_eval_split, make_eval_split, patch_coverage,
+                                pointing_game, save_eval_split, write_shards)
 from .train import TrainConfig, plot_history, train
 
 # %% ../nbs/12_demo.ipynb #b5d89a89
@@ -37,7 +36,7 @@ from .train import TrainConfig, plot_history, train
 class DemoConfig:
     "Every decision of a `flair-min demo` run: world, model size, training budget, evaluation, output."
     out: str = 'runs/demo'           # output folder: data/, metrics.json, table.txt and the plots
-    seed: int = 0                    # training world, initial weights, data order, negatives (the evaluation world is seed + 10,000)
+    seed: int = 0                    # training world, initial weights, data order, negatives; eval world: seed + 10,000
     train_scenes: int = 4000         # toy training images, written as shards
     eval_scenes: int = 500           # held-out evaluation images (binding twins)
     steps: int = 800                 # optimizer steps, per model
@@ -48,7 +47,8 @@ class DemoConfig:
     weight_decay: float = 0.1        # AdamW decay of the weight matrices (paper: 0.5)
     warmup: int = 50                 # linear warm-up steps, then cosine decay to 0
     image_size: int = 64             # pixels per side, of the world's images and the model's input
-    patch_size: int = 8              # pixels per side of a patch: 8 gives an 8 × 8 grid over the 3 × 3 cells; 16 at 48 pixels, one patch per cell
+    # pixels per side of a patch: 8 gives an 8 × 8 grid over the 3 × 3 cells; 16 at 48 pixels, one patch per cell
+    patch_size: int = 8
     width: int = 64                  # width of both towers (one attention head per 64)
     vision_layers: int = 3           # vision transformer blocks
     text_layers: int = 2             # text transformer blocks
@@ -72,16 +72,16 @@ class DemoConfig:
 
 # %% ../nbs/12_demo.ipynb #06c0eb85
 def demo_model_config(config: DemoConfig = DemoConfig()) -> FlairConfig:
-    "The toy FLAIR: `image_size`-pixel images in `patch_size`-pixel patches, `width`-wide towers, a D-dimensional joint space, 77-token CLIP text."
+    "The toy FLAIR from `config`: its image and patch sizes, tower width and joint dimension D; 77-token CLIP text."
     heads = max(1, config.width // 64)
-    return FlairConfig(embed_dim=config.embed_dim, image_size=config.image_size, patch_size=config.patch_size, vision_width=config.width,
-                       vision_layers=config.vision_layers, vision_heads=heads, context_length=77, vocab_size=49408,
-                       text_width=config.width, text_layers=config.text_layers, text_heads=heads,
-                       init_logit_bias=config.init_logit_bias)
+    return FlairConfig(embed_dim=config.embed_dim, image_size=config.image_size, patch_size=config.patch_size,
+                       vision_width=config.width, vision_layers=config.vision_layers, vision_heads=heads,
+                       context_length=77, vocab_size=49408, text_width=config.width, text_layers=config.text_layers,
+                       text_heads=heads, init_logit_bias=config.init_logit_bias)
 
 # %% ../nbs/12_demo.ipynb #19af331b
 def training_world(config: DemoConfig) -> ToyWorldConfig:
-    "The toy world of the training shards: the default world at `image_size` pixels, seeded, optionally in binding twins."
+    "The world of the training shards: the default world at `image_size` pixels, seeded, optionally in binding twins."
     return ToyWorldConfig(image_size=config.image_size, seed=config.seed, binding_twins=config.train_twins)
 
 def world_manifest(config: DemoConfig) -> dict:
@@ -119,10 +119,10 @@ class TrimmedLoader:
 
 # %% ../nbs/12_demo.ipynb #a2408ca1
 def make_demo_loader(shards: str, config: DemoConfig) -> TrimmedLoader:
-    "The toy world's training batches: FLAIR's training transform at `image_size` pixels, K sub-captions of 77 tokens, trimmed."
+    "The toy world's training batches: FLAIR's training transform at `image_size` px, K 77-token sub-captions, trimmed."
     return TrimmedLoader(make_train_loader(shards, batch_size=config.batch_size, num_captions=config.num_captions,
-                                           max_merged=config.max_merged, image_size=config.image_size, context_length=77,
-                                           num_workers=config.workers, seed=config.seed,
+                                           max_merged=config.max_merged, image_size=config.image_size,
+                                           context_length=77, num_workers=config.workers, seed=config.seed,
                                            shuffle_buffer=0 if config.train_twins else 1000))
 
 def train_demo_model(loss: str, loader, config: DemoConfig) -> tuple[FLAIR, dict]:
@@ -139,7 +139,8 @@ def fine_grained_texts(split: dict) -> tuple[np.ndarray, torch.Tensor]:
     "The object sentences true of exactly one evaluation image, and that image: (texts (N,), txt2img (N,))."
     keep = (split['sentence_object'] >= 0) & (split['positives'].sum(1) == 1)  # (S,)
     if not keep.any():
-        raise ValueError(f"no object sentence of this evaluation split ({len(split['images'])} images) is true of exactly one image; "
+        raise ValueError(f"no object sentence of this evaluation split ({len(split['images'])} images) "
+                         "is true of exactly one image; "
                          "expected more evaluation scenes, or a world with more kinds of object")
     return split['sentences'][keep], torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
 
@@ -193,13 +194,15 @@ def localization_maps(model: FLAIR, images: torch.Tensor, texts: torch.Tensor, t
 def object_sentences(split: dict) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
     "Every object sentence of the split with its image and mask: (texts (N,), txt2img (N,), masks (N, H, W))."
     keep = split['sentence_object'] >= 0
-    return split['sentences'][keep], torch.as_tensor(split['sentence_image'][keep], dtype=torch.long), split['masks'][keep]
+    return (split['sentences'][keep], torch.as_tensor(split['sentence_image'][keep], dtype=torch.long),
+            split['masks'][keep])
 
 def localization_results(model: FLAIR, images: torch.Tensor, split: dict, kinds=('attention', 'similarity')) -> dict:
     "Pointing-game hit rate of each kind of map over all object sentences, and the chance rate."
     texts, txt2img, masks = object_sentences(split)
     ids = tokenize_texts(texts)
-    out = {f'pointing_game_{k}': float(pointing_game(localization_maps(model, images, ids, txt2img, k).numpy(), masks).mean())
+    out = {f'pointing_game_{k}': float(pointing_game(localization_maps(model, images, ids, txt2img, k).numpy(),
+                                                     masks).mean())
            for k in kinds}
     out['pointing_game_chance'] = float((patch_coverage(masks, model.config.patch_size) > 0).mean())
     return out
@@ -208,7 +211,7 @@ def localization_results(model: FLAIR, images: torch.Tensor, split: dict, kinds=
 ATTRIBUTES = ('shape', 'colour', 'size', 'position')  # the columns of the split's `attributes`
 
 def object_sentence(split: dict, shape: int, colour: int, size: int, position: int) -> str:
-    "The toy world's sentence (`ToyObject.sentence`) for an object given its attribute indices; the nuisances do not show."
+    "The toy world's sentence (`ToyObject.sentence`) for an object given its attribute indices; nuisances do not show."
     names = (str(split[f'{a}_names'][i]) for a, i in zip(('shape', 'colour', 'size'), (shape, colour, size)))
     return ToyObject(*names, cell=int(position), offset=(0.0, 0.0), tint=(0, 0, 0)).sentence
 
@@ -218,7 +221,8 @@ def swapped_sentences(split: dict, attribute: str, seed: int = 0) -> tuple[np.nd
     names = split[f'{attribute}_names']                                      # e.g. split['colour_names']
     keep = np.flatnonzero(split['sentence_object'] >= 0)
     own = {}
-    for text, image in zip(split['sentences'].tolist(), split['sentence_image'].tolist()): own.setdefault(image, set()).add(text)
+    for text, image in zip(split['sentences'].tolist(), split['sentence_image'].tolist()):
+        own.setdefault(image, set()).add(text)
     swapped = []
     for s in keep:
         values, image = split['attributes'][s].tolist(), int(split['sentence_image'][s])
@@ -231,7 +235,7 @@ def swapped_sentences(split: dict, attribute: str, seed: int = 0) -> tuple[np.nd
 
 @torch.no_grad()
 def pair_scores(model: FLAIR, image_emb: tuple, texts: torch.Tensor, txt2img: torch.Tensor, mode: str) -> torch.Tensor:
-    "The score of each text with its own image only: (N,), FLAIR way or global way (e^s · cos, no bias); image_emb = model.embed_image(images)."
+    "Each text's score with its own image only (N,), FLAIR or global (e^s · cos, no bias); image_emb from embed_image."
     global_emb, local = image_emb                                             # (M, D), (M, L, D)
     text_emb = model.embed_text(texts)                                        # (N, D)
     image = global_emb[txt2img] if mode == 'global' else model.pool(text_emb[:, None], local[txt2img])[:, 0]  # (N, D)
@@ -240,31 +244,35 @@ def pair_scores(model: FLAIR, image_emb: tuple, texts: torch.Tensor, txt2img: to
 @torch.no_grad()
 def attribute_swap_accuracy(model: FLAIR, images: torch.Tensor, split: dict, mode: str, seed: int = 0) -> dict:
     "Per attribute: how often the true object sentence outscores its one-attribute swap on its own image."
-    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)   # every swap keeps these sentences
+    # every swap keeps these sentences
+    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)
     txt2img = torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
-    true = pair_scores(model, image_emb, tokenize_texts(split['sentences'][keep]), txt2img, mode)  # (S,), once for all four
+    # (S,), once for all four
+    true = pair_scores(model, image_emb, tokenize_texts(split['sentences'][keep]), txt2img, mode)
     out = {}
     for attribute in ATTRIBUTES:
-        false = pair_scores(model, image_emb, tokenize_texts(swapped_sentences(split, attribute, seed)[1]), txt2img, mode)
+        false = pair_scores(model, image_emb, tokenize_texts(swapped_sentences(split, attribute, seed)[1]),
+                            txt2img, mode)
         out[attribute] = float((true > false).double().mean())
     return out
 
 # %% ../nbs/12_demo.ipynb #3f21a3be
 def object_tokens(model: FLAIR, images: torch.Tensor, split: dict) -> tuple[torch.Tensor, np.ndarray]:
-    "Per object sentence: the projected patch tokens averaged over its object's patches (S, D), and its attributes (S, 4)."
+    "Per object sentence: projected patch tokens averaged over its object's patches (S, D), and its attributes (S, 4)."
     keep = np.flatnonzero(split['sentence_object'] >= 0)
     p = model.config.patch_size
     coverage = torch.as_tensor(patch_coverage(split['masks'][keep], p), dtype=torch.float32).flatten(1)  # (S, L)
     with torch.no_grad(): _, local = model.embed_image(images)                                        # (N, L, D)
     weights = coverage / coverage.sum(1, keepdim=True).clamp_min(1e-12)                                 # (S, L)
-    tokens = torch.einsum('sl,sld->sd', weights, local[torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)])
+    tokens = torch.einsum('sl,sld->sd', weights,
+                          local[torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)])
     return tokens, split['attributes'][keep]
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int = 0) -> float:
-    "Held-out accuracy of a multinomial logistic regression x (n, d) → y (n,): fit on a random half, tested on the rest."
+    "Held-out accuracy of multinomial logistic regression x (n, d) → y (n,): fit on a random half, tested on the rest."
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g); fit, test = order[: len(x) // 2], order[len(x) // 2:]
-    x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)                                                # standardised on the fit half
+    x = (x - x[fit].mean(0)) / (x[fit].std(0) + 1e-6)  # standardised on the fit half
     w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True); b = torch.zeros(w.shape[1], requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(steps):
@@ -274,12 +282,14 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int =
 def object_probe_accuracy(model: FLAIR, images: torch.Tensor, split: dict) -> dict:
     "Per attribute: how well a linear probe reads it off the object's patch tokens (held-out accuracy)."
     tokens, attributes = object_tokens(model, images, split)
-    return {a: linear_probe(tokens, torch.as_tensor(attributes[:, i], dtype=torch.long)) for i, a in enumerate(ATTRIBUTES)}
+    return {a: linear_probe(tokens, torch.as_tensor(attributes[:, i], dtype=torch.long))
+            for i, a in enumerate(ATTRIBUTES)}
 
 @torch.no_grad()
 def text_swap_similarity(model: FLAIR, split: dict, seed: int = 0) -> dict:
     "Per attribute: the mean cosine between the text embeddings of object sentences and their one-attribute swaps."
-    true = model.embed_text(tokenize_texts(split['sentences'][split['sentence_object'] >= 0]))   # (S, D), once for all four
+    # (S, D), once for all four
+    true = model.embed_text(tokenize_texts(split['sentences'][split['sentence_object'] >= 0]))
     out = {}
     for attribute in ATTRIBUTES:
         false = model.embed_text(tokenize_texts(swapped_sentences(split, attribute, seed)[1]))   # (S, D)
@@ -287,10 +297,14 @@ def text_swap_similarity(model: FLAIR, split: dict, seed: int = 0) -> dict:
     return out
 
 # %% ../nbs/12_demo.ipynb #412112e1
-ROWS = [('fine-grained', 'fine_grained', 'text_to_image_R@1', 'T→I R@1'), ('fine-grained', 'fine_grained', 'text_to_image_R@5', 'T→I R@5'),
-        ('fine-grained', 'fine_grained', 'image_to_text_R@1', 'I→T R@1'), ('fine-grained', 'fine_grained', 'image_to_text_R@5', 'I→T R@5'),
-        ('long caption', 'long_caption', 'text_to_image_R@1', 'T→I R@1'), ('long caption', 'long_caption', 'text_to_image_R@5', 'T→I R@5'),
-        ('long caption', 'long_caption', 'image_to_text_R@1', 'I→T R@1'), ('long caption', 'long_caption', 'image_to_text_R@5', 'I→T R@5'),
+ROWS = [('fine-grained', 'fine_grained', 'text_to_image_R@1', 'T→I R@1'),
+        ('fine-grained', 'fine_grained', 'text_to_image_R@5', 'T→I R@5'),
+        ('fine-grained', 'fine_grained', 'image_to_text_R@1', 'I→T R@1'),
+        ('fine-grained', 'fine_grained', 'image_to_text_R@5', 'I→T R@5'),
+        ('long caption', 'long_caption', 'text_to_image_R@1', 'T→I R@1'),
+        ('long caption', 'long_caption', 'text_to_image_R@5', 'T→I R@5'),
+        ('long caption', 'long_caption', 'image_to_text_R@1', 'I→T R@1'),
+        ('long caption', 'long_caption', 'image_to_text_R@5', 'I→T R@5'),
         ('localization', 'localization', 'pointing_game', 'pointing game'),
         *[('attribute swap', 'attributes', a, a) for a in ATTRIBUTES],
         *[('image probe', 'image_probe', a, a) for a in ATTRIBUTES],
@@ -311,12 +325,14 @@ def comparison_table(results: dict) -> str:
     f, b = results['flair'], results['baseline']
     lines += ['', 'reference:',
               f"  pointing game with patch cosines: FLAIR {f['localization']['pointing_game_similarity']:.3f}, "
-              f"baseline {b['localization']['pointing_game_similarity']:.3f}; chance {f['localization']['pointing_game_chance']:.3f}",
+              f"baseline {b['localization']['pointing_game_similarity']:.3f}; "
+              f"chance {f['localization']['pointing_game_chance']:.3f}",
               f"  FLAIR scored globally: fine-grained T→I R@1 {f['fine_grained_global']['text_to_image_R@1']:.3f}, "
               f"long caption T→I R@1 {f['long_caption_global']['text_to_image_R@1']:.3f}"]
     if 'untrained' in results:
         u = results['untrained']
-        lines += ['  untrained towers (the starting weights of both): image probe ' + ', '.join(f'{k} {v:.3f}' for k, v in u['image_probe'].items()),
+        lines += ['  untrained towers (the starting weights of both): image probe '
+                  + ', '.join(f'{k} {v:.3f}' for k, v in u['image_probe'].items()),
                   '    text swap cosine ' + ', '.join(f'{k} {v:.3f}' for k, v in u['text_swap_cosine'].items())]
     return '\n'.join(lines)
 
@@ -333,23 +349,26 @@ def plot_metrics(results: dict, path=None):
     rows = table_rows(results)[::-1]                                  # the first row of the table on top
     fig, ax = _subplots(figsize=(7, 0.28 * len(rows) + 1.2))
     y = np.arange(len(rows))
-    ax.barh(y + 0.2, [r[1] for r in rows], 0.4, label='FLAIR'); ax.barh(y - 0.2, [r[2] for r in rows], 0.4, label='baseline (mps)')
+    ax.barh(y + 0.2, [r[1] for r in rows], 0.4, label='FLAIR')
+    ax.barh(y - 0.2, [r[2] for r in rows], 0.4, label='baseline (mps)')
     ax.set_yticks(y, [r[0] for r in rows], fontsize=8); ax.set_xlim(0, 1); ax.legend(loc='upper right', fontsize=8)
     ax.set_title('held-out toy images'); fig.tight_layout()
     return save_figure(fig, path)
 
 def plot_heatmaps(models: dict, images: torch.Tensor, split: dict, n: int = 6, path=None):
-    "For `n` object sentences: the image with the object outlined, then each model's map over it ({name: (model, kind)})."
+    "For `n` object sentences: the image, object outlined, then each model's map over it ({name: (model, kind)})."
     texts, txt2img, masks = object_sentences(split)
     pick = np.linspace(0, len(texts) - 1, n).astype(int)
     ids, size = tokenize_texts(texts[pick]), split['images'].shape[1]
     fig, axes = _subplots(len(models) + 1, n, figsize=(1.9 * n, 2.0 * (len(models) + 1)), squeeze=False)
-    maps = {name: localization_maps(model, images, ids, txt2img[pick], kind) for name, (model, kind) in models.items()}  # (n, g, g)
+    maps = {name: localization_maps(model, images, ids, txt2img[pick], kind)  # (n, g, g)
+            for name, (model, kind) in models.items()}
     for col, s in enumerate(pick):
         column = [split['images'][int(txt2img[s])]] * (len(models) + 1)
         for row, ax in enumerate(axes[:, col]):
             ax.imshow(column[row]); ax.set_xticks([]); ax.set_yticks([])
-            if row: ax.imshow(list(maps.values())[row - 1][col].numpy(), cmap='inferno', alpha=0.75, extent=(0, size, size, 0))
+            if row: ax.imshow(list(maps.values())[row - 1][col].numpy(), cmap='inferno', alpha=0.75,
+                              extent=(0, size, size, 0))
             ax.contour(masks[s], levels=[0.5], colors='cyan', linewidths=0.8)
         axes[0, col].set_title(_wrap(texts[s]), fontsize=7)
     for row, (name, (_, kind)) in enumerate(models.items(), start=1):
@@ -386,7 +405,8 @@ def evaluate_demo_model(model: FLAIR, images: torch.Tensor, split: dict, mode: s
     "All metrics of one model: retrieval in `mode`, localization; for FLAIR also the global-mode retrieval."
     out = {**retrieval_results(model, images, split, mode), 'localization': localization_results(model, images, split),
            'attributes': attribute_swap_accuracy(model, images, split, mode),
-           'image_probe': object_probe_accuracy(model, images, split), 'text_swap_cosine': text_swap_similarity(model, split)}
+           'image_probe': object_probe_accuracy(model, images, split),
+           'text_swap_cosine': text_swap_similarity(model, split)}
     kind = 'attention' if mode == 'flair' else 'similarity'
     out['localization']['pointing_game'] = out['localization'][f'pointing_game_{kind}']
     if mode == 'flair':
@@ -395,7 +415,8 @@ def evaluate_demo_model(model: FLAIR, images: torch.Tensor, split: dict, mode: s
 
 def margins(results: dict) -> dict:
     "FLAIR − baseline for every row of the table, keyed 'section/metric'."
-    return {f'{section}/{key}': results['flair'][section][key] - results['baseline'][section][key] for _, section, key, _ in ROWS}
+    return {f'{section}/{key}': results['flair'][section][key] - results['baseline'][section][key]
+            for _, section, key, _ in ROWS}
 
 # %% ../nbs/12_demo.ipynb #7fdd9e0c
 def demo_config(args=None, **overrides) -> DemoConfig:
@@ -410,14 +431,16 @@ def demo_config(args=None, **overrides) -> DemoConfig:
     if args.pop('quiet', False): config = replace(config, progress=False)
     names = {f.name for f in fields(DemoConfig)}
     args = {k: v for k, v in args.items() if v is not None and k not in ('job', 'func')}
-    if unknown := sorted(set(args) - names): raise ValueError(f"unknown demo settings {unknown}; expected some of {sorted(names)}")
+    if unknown := sorted(set(args) - names):
+        raise ValueError(f"unknown demo settings {unknown}; expected some of {sorted(names)}")
     config = replace(config, **args)
     for name in ('steps', 'batch_size', 'num_captions', 'train_scenes', 'eval_scenes', 'image_size', 'patch_size'):
         if getattr(config, name) < 1: raise ValueError(f"{name}={getattr(config, name)}: expected a positive integer")
     if config.batch_size > config.train_scenes:
         raise ValueError(f"batch_size={config.batch_size} is larger than train_scenes={config.train_scenes}")
     if config.image_size % config.patch_size:
-        raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}; expected whole patches")
+        raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}; "
+                         "expected whole patches")
     return config
 
 # %% ../nbs/12_demo.ipynb #290d54ef
@@ -431,19 +454,23 @@ def run_demo(args=None, **overrides) -> dict:
         shards, split_path = prepare_toy_data(config)
         split = load_eval_split(split_path)
         clock['data_s'] = time.perf_counter() - tic
-        log(f"toy world: {config.train_scenes} training scenes, {config.eval_scenes} evaluation scenes ({clock['data_s']:.0f} s)")
+        log(f"toy world: {config.train_scenes} training scenes, {config.eval_scenes} evaluation scenes "
+            f"({clock['data_s']:.0f} s)")
         loader, models, histories = make_demo_loader(shards, config), {}, {}
         for name, loss in (('flair', 'flair'), ('baseline', 'mps')):
             tic = time.perf_counter()
-            log(f"training {name} (loss {loss!r}, {config.steps} steps of {config.batch_size} images × {config.num_captions} sub-captions)")
+            log(f"training {name} (loss {loss!r}, {config.steps} steps of {config.batch_size} images × "
+                f"{config.num_captions} sub-captions)")
             models[name], histories[name] = train_demo_model(loss, loader, config)
             clock[f'train_{name}_s'] = time.perf_counter() - tic
         tic = time.perf_counter()
         images = eval_images(split)
         results = {name: evaluate_demo_model(models[name], images, split, 'flair' if name == 'flair' else 'global')
                    for name in models}
-        torch.manual_seed(config.seed); start = FLAIR(demo_model_config(config)).eval()   # the weights both models began from
-        results['untrained'] = {'image_probe': object_probe_accuracy(start, images, split), 'text_swap_cosine': text_swap_similarity(start, split)}
+        torch.manual_seed(config.seed)
+        start = FLAIR(demo_model_config(config)).eval()   # the weights both models began from
+        results['untrained'] = {'image_probe': object_probe_accuracy(start, images, split),
+                                'text_swap_cosine': text_swap_similarity(start, split)}
         clock['eval_s'] = time.perf_counter() - tic
         for name, model in models.items(): save_checkpoint(model.state_dict(), out / f'{name}.pt')
         if config.plots:

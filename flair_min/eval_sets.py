@@ -37,8 +37,8 @@ class RetrievalSet:
         "Raise FileNotFoundError, naming the expected layout, if any image file is missing."
         missing = [p for p in self.images if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.name}: {len(missing):,} of {len(self.images):,} image files are missing, e.g. "
-                                    f"{missing[0]}. Expected layout:\n{self.layout}")
+            raise FileNotFoundError(f"{self.name}: {len(missing):,} of {len(self.images):,} image files are missing, "
+                                    f"e.g. {missing[0]}. Expected layout:\n{self.layout}")
 
 def from_records(name: str, records, layout: str = '') -> RetrievalSet:
     "A RetrievalSet from (image key, image path, text) records in the official order; images by first appearance."
@@ -55,34 +55,43 @@ def read_json(path, layout: str):
     with open(path, encoding='utf-8') as f: return json.load(f)
 
 # %% ../nbs/10_eval_sets.ipynb #5b9f791c
-COCO_LAYOUT = """<root>/annotations/captions_val2017.json   COCO captions: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
-<root>/images/val2017/<file_name>          e.g. <root>/images/val2017/000000397133.jpg"""
+COCO_LAYOUT = (
+    '<root>/annotations/captions_val2017.json   COCO captions: '
+        '{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}\n'
+    '<root>/images/val2017/<file_name>          e.g. <root>/images/val2017/000000397133.jpg')
 
 def read_coco(root) -> RetrievalSet:
     "COCO val2017 captions: one text per annotation, 5,000 images and 25,014 texts."
     root = Path(root)
     data = read_json(root / 'annotations' / 'captions_val2017.json', COCO_LAYOUT)
     files = {image['id']: root / 'images' / 'val2017' / image['file_name'] for image in data['images']}
-    records = ((a['image_id'], files[a['image_id']], a['caption']) for a in data['annotations'] if a['image_id'] in files)
+    records = ((a['image_id'], files[a['image_id']], a['caption'])
+               for a in data['annotations'] if a['image_id'] in files)
     return from_records('coco', records, COCO_LAYOUT)
 
 # %% ../nbs/10_eval_sets.ipynb #640c0225
-FLICKR_LAYOUT = """<root>/flickr30k_<split>.json   list of {"image": "flickr30k-images/<id>.jpg", "caption": [5 captions]}
-<root>/../<image>                the json's image paths are relative to the folder above <root>: with the
-                                 official <root> = .../flickr30k-images, the images sit in <root> itself"""
+FLICKR_LAYOUT = (
+    '<root>/flickr30k_<split>.json   list of {"image": "flickr30k-images/<id>.jpg", "caption": [5 captions]}\n'
+    "<root>/../<image>                the json's image paths are relative to the folder above <root>: with the\n"
+    '                                 official <root> = .../flickr30k-images, the images sit in <root> itself')
 
 def read_flickr30k(root, split: str = 'val') -> RetrievalSet:
     "Flickr30k: five texts per image (val: 1,014 images, 5,070 texts)."
     root = Path(os.path.abspath(root))
     data = read_json(root / f'flickr30k_{split}.json', FLICKR_LAYOUT)
-    records = ((i, root.parent / entry['image'], caption) for i, entry in enumerate(data) for caption in entry['caption'])
+    records = ((i, root.parent / entry['image'], caption)
+               for i, entry in enumerate(data) for caption in entry['caption'])
     return from_records('flickr30k', records, FLICKR_LAYOUT)
 
 # %% ../nbs/10_eval_sets.ipynb #fb729cc2
-DOCCI_LAYOUT = """<root>/annotations/test_annotations.json   {"annotations": [{"image_id", "image", "caption"}]}, one sentence each
-<root>/images/<image>                      e.g. <root>/images/test_00001.jpg"""
-IIW_LAYOUT = """<root>/test_annotations.json   {"annotations": [{"image_id", "image", "caption", "caption_id"}]}, one sentence each
-<root>/<image>                 the image paths include their folder, e.g. <root>/docci/test_00731.jpg"""
+DOCCI_LAYOUT = (
+    '<root>/annotations/test_annotations.json   {"annotations": [{"image_id", "image", "caption"}]}, '
+        'one sentence each\n'
+    '<root>/images/<image>                      e.g. <root>/images/test_00001.jpg')
+IIW_LAYOUT = (
+    '<root>/test_annotations.json   {"annotations": [{"image_id", "image", "caption", "caption_id"}]}, '
+        'one sentence each\n'
+    '<root>/<image>                 the image paths include their folder, e.g. <root>/docci/test_00731.jpg')
 
 def _annotation_records(annotations, image_root: Path):
     return ((a['image_id'], image_root / a['image'], a['caption']) for a in annotations)
@@ -100,8 +109,10 @@ def read_iiw(root) -> RetrievalSet:
     return from_records('iiw', _annotation_records(data['annotations'], root), IIW_LAYOUT)
 
 # %% ../nbs/10_eval_sets.ipynb #710da856
-URBAN1K_LAYOUT = """<root>/annotations/annotations.json   {"annotations": [{"image_id", "image", "caption"}]}, one long caption per image
-<root>/images/<image>                e.g. <root>/images/1.jpg"""
+URBAN1K_LAYOUT = (
+    '<root>/annotations/annotations.json   {"annotations": [{"image_id", "image", "caption"}]}, '
+        'one long caption per image\n'
+    '<root>/images/<image>                e.g. <root>/images/1.jpg')
 
 def read_urban1k(root) -> RetrievalSet:
     "Urban-1k: one long caption per image, 1,000 pairs."
@@ -110,14 +121,19 @@ def read_urban1k(root) -> RetrievalSet:
     return from_records('urban1k', _annotation_records(data['annotations'], root / 'images'), URBAN1K_LAYOUT)
 
 # %% ../nbs/10_eval_sets.ipynb #4c134771
-DCI_LAYOUT = """<root>/densely_captioned_images/splits.json                {"train": [<file>.json, ...], "valid": [...], "test": [...]}
-<root>/densely_captioned_images/annotations/<file>.json    one per image: {"image", "short_caption", "extra_caption", ...}
-<root>/densely_captioned_images/photos/<image>             e.g. sa_1.jpg"""
-SHAREGPT4V_LAYOUT = """<root>/share4v_sam_10k.json   list of {"image": "sam/images/sa_1.jpg", "conversations": [{question}, {"value": <caption>}]}
-<root>/<image without /images>  e.g. <root>/sam/sa_1.jpg (the official code drops '/images' from the path)"""
+DCI_LAYOUT = (
+    '<root>/densely_captioned_images/splits.json                '
+        '{"train": [<file>.json, ...], "valid": [...], "test": [...]}\n'
+    '<root>/densely_captioned_images/annotations/<file>.json    '
+        'one per image: {"image", "short_caption", "extra_caption", ...}\n'
+    '<root>/densely_captioned_images/photos/<image>             e.g. sa_1.jpg')
+SHAREGPT4V_LAYOUT = (
+    '<root>/share4v_sam_10k.json   list of {"image": "sam/images/sa_1.jpg", '
+        '"conversations": [{question}, {"value": <caption>}]}\n'
+    "<root>/<image without /images>  e.g. <root>/sam/sa_1.jpg (the official code drops '/images' from the path)")
 
 def rejoin(caption: str) -> str:
-    "A long caption cut into sentences (`split_caption`) and re-joined with '. ', as the official long-retrieval readers do."
+    "A long caption cut into sentences (`split_caption`), re-joined with '. ', as official long-retrieval readers do."
     return '. '.join(split_caption(caption))
 
 def read_dci(root) -> RetrievalSet:
@@ -135,7 +151,8 @@ def read_sharegpt4v(root, size: int = 1000) -> RetrievalSet:
     "ShareGPT4V-1k/10k: the first `size` entries, one re-joined answer per image."
     root = Path(root)
     data = read_json(root / 'share4v_sam_10k.json', SHAREGPT4V_LAYOUT)
-    if len(data) < size: raise ValueError(f"share4v_sam_10k.json has {len(data):,} entries, fewer than the {size:,} asked for")
+    if len(data) < size:
+        raise ValueError(f"share4v_sam_10k.json has {len(data):,} entries, fewer than the {size:,} asked for")
     records = []
     for i, entry in enumerate(data[:size]):
         image = entry['image'].replace('/images', '') if 'images' in entry['image'] else entry['image']
@@ -143,14 +160,17 @@ def read_sharegpt4v(root, size: int = 1000) -> RetrievalSet:
     return from_records(f'sharegpt4v-{size // 1000}k', records, SHAREGPT4V_LAYOUT)
 
 # %% ../nbs/10_eval_sets.ipynb #2da0cc7b
-BENCHMARKS = {'coco': read_coco, 'flickr30k': read_flickr30k, 'docci': read_docci, 'iiw': read_iiw, 'urban1k': read_urban1k,
-              'dci': read_dci, 'sharegpt4v-1k': partial(read_sharegpt4v, size=1000),
+BENCHMARKS = {'coco': read_coco, 'flickr30k': read_flickr30k, 'docci': read_docci, 'iiw': read_iiw,
+              'urban1k': read_urban1k, 'dci': read_dci, 'sharegpt4v-1k': partial(read_sharegpt4v, size=1000),
               'sharegpt4v-10k': partial(read_sharegpt4v, size=10000)}
 
-def read_benchmark(name: str, root, check_images: bool = True) -> RetrievalSet:
-    "The retrieval set `name` (a key of BENCHMARKS) read from `root` in its official layout."
+def read_benchmark(name: str, root, check_images: bool = True, split: str | None = None) -> RetrievalSet:
+    "The retrieval set `name` (a key of BENCHMARKS) read from `root` in its official layout; `split`: flickr30k's."
     if name not in BENCHMARKS: raise ValueError(f"unknown benchmark {name!r}: expected one of {list(BENCHMARKS)}")
-    benchmark = BENCHMARKS[name](root)
+    if split is not None and name != 'flickr30k':
+        raise ValueError(f"split={split!r}: only flickr30k is read by split (flickr30k_<split>.json); "
+                         f"{name} has one annotation file")
+    benchmark = BENCHMARKS[name](root, split) if split is not None else BENCHMARKS[name](root)
     if check_images: benchmark.check_images()
     return benchmark
 
@@ -169,8 +189,8 @@ def evaluate(model, benchmark: RetrievalSet, preprocess, tokenizer, mode: str = 
     texts = tokenizer(benchmark.texts)                                                   # (N, ctx)
     vocab = model.token_embedding.num_embeddings
     if texts.numel() and texts.max() >= vocab:
-        raise ValueError(f"the tokenizer produced id {texts.max().item()} but the model's vocabulary has {vocab} entries: "
-                         f"use a model with the CLIP vocabulary (49,408)")
+        raise ValueError(f"the tokenizer produced id {texts.max().item()} but the model's vocabulary has {vocab} "
+                         f"entries: use a model with the CLIP vocabulary (49,408)")
     loader = DataLoader(ImageFiles(benchmark.images, preprocess), batch_size=batch_size, num_workers=workers)
     return evaluate_retrieval(model, loader, texts, torch.tensor(benchmark.txt2img), mode, topk, chunk_size=chunk_size,
                               device=device, progress=progress)

@@ -42,7 +42,8 @@ class FlairConfig:
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        for width, heads, name in [(self.vision_width, self.vision_heads, 'vision'), (self.text_width, self.text_heads, 'text'),
+        for width, heads, name in [(self.vision_width, self.vision_heads, 'vision'),
+                                   (self.text_width, self.text_heads, 'text'),
                                    (self.embed_dim, self.pool_heads, 'pool')]:
             if width % heads:
                 raise ValueError(f"{name}: width {width} is not divisible by its {heads} heads")
@@ -68,7 +69,7 @@ class FlairConfig:
 
     @classmethod
     def resolve(cls, spec) -> 'FlairConfig':
-        "A FlairConfig from a FlairConfig, a preset name, a dict, inline JSON or a JSON file ({'preset': name, **fields})."
+        "A FlairConfig from a FlairConfig, preset name, dict, inline JSON or JSON file ({'preset': name, **fields})."
         if isinstance(spec, cls): return spec
         if not isinstance(spec, (str, Path, dict)):
             raise TypeError(f"model: expected a preset name like 'ViT-B-16-FLAIR', a FlairConfig, a dict or JSON, "
@@ -77,8 +78,9 @@ class FlairConfig:
         if isinstance(spec, dict): fields_ = dict(spec)
         elif isinstance(spec, (str, Path)) and str(spec).lstrip().startswith('{'): fields_ = json.loads(str(spec))
         elif isinstance(spec, (str, Path)) and Path(spec).is_file(): fields_ = json.loads(Path(spec).read_text())
-        else: raise ValueError(f"unknown model name {spec!r}: expected a preset {sorted(MODEL_CONFIGS)}, a FlairConfig, "
-                               f"a dict, inline JSON or a JSON file")
+        else:
+            raise ValueError(f"unknown model name {spec!r}: expected a preset {sorted(MODEL_CONFIGS)}, "
+                             f"a FlairConfig, a dict, inline JSON or a JSON file")
         base = cls.from_name(fields_.pop('preset', 'ViT-B-16-FLAIR'))
         known = {f.name for f in dataclasses.fields(cls)}
         if unknown := sorted(set(fields_) - known):
@@ -165,8 +167,10 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled(): x = checkpoint(block, x, causal, use_reentrant=False)
-            else: x = block(x, causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
         return x
 
 # %% ../nbs/02_model.ipynb #952c19bf
@@ -210,7 +214,8 @@ def init_transformer_(transformer: Transformer):
 
 class TextTransformer(nn.Module):
     "CLIP text tower: token ids (N, T) → global token (N, width) at the largest id, and all tokens (N, T, width)."
-    def __init__(self, context_length: int, vocab_size: int, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, context_length: int, vocab_size: int, width: int, layers: int, heads: int,
+                 mlp_ratio: float = 4.0):
         super().__init__()
         self.context_length, self.vocab_size = context_length, vocab_size
         self.token_embedding = nn.Embedding(vocab_size, width)
@@ -223,7 +228,8 @@ class TextTransformer(nn.Module):
     def encode_text(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Tower output before any projection: (global_text_token (N, width), local_text_tokens (N, T, width))."
         if texts.dim() != 2 or texts.is_floating_point() or texts.shape[1] > self.context_length:
-            raise ValueError(f"texts: expected integer token ids of shape (N, T) with T <= context_length={self.context_length}, "
+            raise ValueError("texts: expected integer token ids of shape (N, T) "
+                             f"with T <= context_length={self.context_length}, "
                              f"got {texts.dtype} {tuple(texts.shape)}")
         x = self.token_embedding(texts) + self.positional_embedding[:texts.shape[1]]  # (N, T, width)
         x = self.ln_final(self.transformer(x, causal=True))                           # (N, T, width)
@@ -262,7 +268,8 @@ class FLAIR(TextTransformer):
         c = config or FlairConfig()
         super().__init__(c.context_length, c.vocab_size, c.text_width, c.text_layers, c.text_heads, c.mlp_ratio)
         self.config = c
-        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads, c.mlp_ratio)
+        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads,
+                                        c.mlp_ratio)
         self.image_post, self.text_post = Projection(c.vision_width, c.embed_dim), Projection(c.text_width, c.embed_dim)
         self.visual_proj = TextConditionedPooling(c.embed_dim, c.pool_heads)
         self.logit_scale = nn.Parameter(torch.ones([]) * c.init_logit_scale)
@@ -288,7 +295,7 @@ class FLAIR(TextTransformer):
         return self.visual_proj(text_emb, local, local, output_attn_weights=return_attention)
 
     def forward(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None) -> dict:
-        "The official output dict: projected (not normalised) features, exp(logit_scale), logit_bias, the pooling layer."
+        "The official output dict: projected (not normalised) features, exp(logit_scale), logit_bias, pooling layer."
         image_features, image_tokens = self.embed_image(images) if images is not None else (None, None)
         return {'image_features': image_features, 'image_tokens': image_tokens,
                 'text_features': self.embed_text(texts) if texts is not None else None,
@@ -318,9 +325,11 @@ class FLAIR(TextTransformer):
 def check_pool_inputs(text_emb: torch.Tensor, local: torch.Tensor):
     "Raise a clear error unless text_emb is (N, D) or (B, N, D) and local is (B, L, D)."
     if local.dim() != 3: raise ValueError(f"local: expected image tokens of shape (B, L, D), got {tuple(local.shape)}")
-    if text_emb.dim() not in (2, 3): raise ValueError(f"text_emb: expected (N, D) or (B, N, D), got {tuple(text_emb.shape)}")
+    if text_emb.dim() not in (2, 3):
+        raise ValueError(f"text_emb: expected (N, D) or (B, N, D), got {tuple(text_emb.shape)}")
     if text_emb.shape[-1] != local.shape[-1]:
-        raise ValueError(f"text_emb has D={text_emb.shape[-1]} but local has D={local.shape[-1]}: both must be in the joint space")
+        raise ValueError(f"text_emb has D={text_emb.shape[-1]} but local has D={local.shape[-1]}: "
+                         "both must be in the joint space")
     if text_emb.dim() == 3 and text_emb.shape[0] != local.shape[0]:
         raise ValueError(f"text_emb (B, N, D) has B={text_emb.shape[0]} but local has B={local.shape[0]} images")
 
@@ -332,11 +341,14 @@ def convert_to_rgb(image):
     "PIL image → RGB (greyscale is replicated, an alpha channel dropped). A function, so transforms pickle."
     return image.convert('RGB')
 
-def image_transform(image_size: int = 224, is_train: bool = False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> T.Compose:
+def image_transform(image_size: int = 224, is_train: bool = False, mean=OPENAI_DATASET_MEAN,
+                    std=OPENAI_DATASET_STD) -> T.Compose:
     "FLAIR's preprocessing of a PIL image into a normalised (3, image_size, image_size) tensor."
     bicubic = T.InterpolationMode.BICUBIC
-    if is_train: geometry = [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)]
-    else: geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    if is_train:
+        geometry = [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), interpolation=bicubic)]
+    else:
+        geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
     return T.Compose([*geometry, convert_to_rgb, T.ToTensor(), T.Normalize(mean, std)])
 
 # %% ../nbs/02_model.ipynb #dc9e1003

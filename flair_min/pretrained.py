@@ -7,6 +7,7 @@ __all__ = ['RELEASED', 'PRETRAINED_FILES', 'ReleasedCheckpoint', 'list_pretraine
            'create_model_and_transforms']
 
 # %% ../nbs/11_pretrained.ipynb #0a4aa775
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,20 +46,23 @@ def resolve_pretrained(pretrained, cache_dir=None) -> Path:
                             f"checkpoints {PRETRAINED_FILES}")
 
 # %% ../nbs/11_pretrained.ipynb #d4c69f3f
-def create_model(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 'fp32', device='cpu', cache_dir=None) -> FLAIR:
-    "A FLAIR model: preset name or FlairConfig; weights from a path or a released file name; precision; device."
+def create_model(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 'fp32', device='cpu',
+                 cache_dir=None, force_image_size: int | None = None) -> FLAIR:
+    "A FLAIR model: model spec; weights from a path or a released file name; precision; device; image size."
     config = FlairConfig.resolve(model_name)
+    if force_image_size: config = dataclasses.replace(config, image_size=force_image_size)   # patch grid resampled
     weights_dtype = PRECISIONS[check_precision(precision)][0]
     if pretrained is None:
         model = FLAIR(config)
     else:
-        path = resolve_pretrained(pretrained, cache_dir)
+        source = pretrained if isinstance(pretrained, dict) else resolve_pretrained(pretrained, cache_dir)
         with torch.device('meta'): model = FLAIR(config)
-        model = load_checkpoint(model, path, assign=True)
+        model = load_checkpoint(model, source, assign=True)   # a file, or a state dict already in memory
     return model.to(device=device, dtype=weights_dtype)
 
-def create_model_and_transforms(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 'fp32', device='cpu', cache_dir=None):
+def create_model_and_transforms(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 'fp32', device='cpu',
+                                cache_dir=None, force_image_size: int | None = None):
     "(model, preprocess_train, preprocess_val), as in the official code."
-    model = create_model(model_name, pretrained, precision, device, cache_dir)
+    model = create_model(model_name, pretrained, precision, device, cache_dir, force_image_size)
     size = model.config.image_size
     return model, image_transform(size, is_train=True), image_transform(size, is_train=False)

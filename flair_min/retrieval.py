@@ -27,11 +27,13 @@ OUTSIDE_TOPK = -1e10  # the score of a text outside an image's top-k, as in the 
 def check_mode(mode: str, topk: int = 1):
     "Raise a clear error for an unknown scoring mode or a top-k below 1."
     if mode not in MODES: raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    if mode == 'topk' and (not isinstance(topk, int) or topk < 1): raise ValueError(f"topk={topk!r}: expected an integer >= 1")
+    if mode == 'topk' and (not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk={topk!r}: expected an integer >= 1")
 
 # %% ../nbs/09_retrieval.ipynb #4f76325e
 @torch.no_grad()
-def per_image_scores(text_emb, global_emb, local, visual_proj, scale, mode: str = 'flair', topk: int = 128) -> torch.Tensor:
+def per_image_scores(text_emb, global_emb, local, visual_proj, scale, mode: str = 'flair',
+                     topk: int = 128) -> torch.Tensor:
     "The official loop: image by image, the full pooling layer on all texts (or the image's top-k) → (B, N) scores."
     check_mode(mode, topk)
     unit = F.normalize(text_emb.float(), dim=-1)                              # (N, D)
@@ -96,17 +98,20 @@ def project_keys_values(local: torch.Tensor, weights: PoolingWeights) -> tuple[t
     return F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))                                  # (B, h, L+1, d)
 
 # %% ../nbs/09_retrieval.ipynb #413017ae
-def pair_cosines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor, weights: PoolingWeights) -> torch.Tensor:
-    "cos(pool(t, image), t) for queries q (B, h, n, d), keys/values (B, h, L+1, d), unit texts (n, D) or (B, n, D) → (B, n)."
+def pair_cosines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unit: torch.Tensor,
+                 weights: PoolingWeights) -> torch.Tensor:
+    "cos(pool(t, image), t) for queries q (B, h, n, d), k/v (B, h, L+1, d), unit texts (n, D) or (B, n, D) → (B, n)."
     o = F.scaled_dot_product_attention(q, k, v)                                           # (B, h, n, d)
     pooled = F.linear(o.transpose(1, 2).flatten(2), weights.w_o, weights.b_o).float()     # (B, n, D)
     return (pooled * unit).sum(-1) / pooled.norm(dim=-1).clamp_min(1e-12)                  # (B, n), as F.normalize
 
 # %% ../nbs/09_retrieval.ipynb #f738fcb5
-DEFAULT_CHUNK_SIZE = 2048  # (image, text) pairs pooled at once: a few × 2048 × D floats of working memory; CPU-cache friendly
+# (image, text) pairs pooled at once: a few × 2048 × D floats of working memory; CPU-cache friendly
+DEFAULT_CHUNK_SIZE = 2048
 
 def _check_chunk_size(chunk_size):
-    if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f"chunk_size={chunk_size!r}: expected an integer >= 1")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected an integer >= 1")
 
 @torch.no_grad()
 def flair_scores(local: torch.Tensor, texts: TextQueries, weights: PoolingWeights, scale,
@@ -154,12 +159,14 @@ def global_scores(global_emb: torch.Tensor, texts: TextQueries, scale) -> torch.
 
 def score_embeddings(global_emb, local, texts, visual_proj, scale, mode: str = 'flair', topk: int = 128,
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    "(B, N) scores of precomputed image embeddings (global (B, D), local (B, L, D)) and texts ((N, D) or `TextQueries`)."
+    "(B, N) scores of precomputed image embeddings (global (B, D), local (B, L, D)) vs texts ((N, D) or `TextQueries`)."
     check_mode(mode, topk)
     weights = pooling_weights(visual_proj)
     if isinstance(texts, torch.Tensor): texts = prepare_texts(texts, None if mode == 'global' else weights)
     if mode == 'global': return global_scores(global_emb, texts, scale)
-    if texts.q is None: raise ValueError(f"mode={mode!r} needs pooling queries: prepare the texts with prepare_texts(text_emb, weights)")
+    if texts.q is None:
+        raise ValueError(f"mode={mode!r} needs pooling queries: "
+                         "prepare the texts with prepare_texts(text_emb, weights)")
     if mode == 'flair': return flair_scores(local, texts, weights, scale, chunk_size)
     return scatter_topk(*topk_scores(global_emb, local, texts, weights, scale, topk, chunk_size), texts.unit.shape[0])
 
@@ -168,25 +175,29 @@ def score_embeddings(global_emb, local, texts, visual_proj, scale, mode: str = '
 def embed_texts(model, texts: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
     "Projected text embeddings (N, D) of token ids (N, ctx), `batch_size` texts at a time."
     if not isinstance(texts, torch.Tensor) or texts.dim() != 2 or texts.is_floating_point():
-        raise ValueError(f"texts: expected a LongTensor of token ids (N, context_length), got {getattr(texts, 'shape', type(texts).__name__)}")
-    if len(texts) == 0: raise ValueError("texts: got no text (shape (0, context_length)); expected at least one to score")
+        raise ValueError("texts: expected a LongTensor of token ids (N, context_length), "
+                         f"got {getattr(texts, 'shape', type(texts).__name__)}")
+    if len(texts) == 0:
+        raise ValueError("texts: got no text (shape (0, context_length)); expected at least one to score")
     return torch.cat([model.embed_text(texts[i:i + batch_size].to(device)) for i in range(0, len(texts), batch_size)])
 
 @torch.no_grad()
 def retrieval_scores(model, image_batches: Iterable, texts: torch.Tensor, mode: str = 'flair', topk: int = 128,
-                     text_batch_size: int = 256, chunk_size: int = DEFAULT_CHUNK_SIZE, device=None, precision: str = 'auto',
-                     progress: bool = False) -> torch.Tensor:
+                     text_batch_size: int = 256, chunk_size: int = DEFAULT_CHUNK_SIZE, device=None,
+                     precision: str = 'auto', progress: bool = False) -> torch.Tensor:
     "(n_images, n_texts) scores of all images (batches (B, 3, H, W)) against all texts (token ids (N, ctx))."
     check_mode(mode, topk)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with autocast(resolve_precision(precision, device), device):   # 'auto': float16 autocast on CUDA, float32 on the CPU
+    # 'auto': float16 autocast on CUDA, float32 on the CPU
+    with autocast(resolve_precision(precision, device), device):
         text_emb = embed_texts(model, texts, text_batch_size, device)                      # (N, D)
         queries = prepare_texts(text_emb, None if mode == 'global' else pooling_weights(model.visual_proj))
         scale, rows = model.logit_scale.exp().float(), []
         for batch in tqdm(image_batches, desc=f'{mode} scores', unit='batch', disable=not progress):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch               # (B, 3, H, W)
             global_emb, local = model.embed_image(images.to(device))                       # (B, D), (B, L, D)
-            rows.append(score_embeddings(global_emb, local, queries, model.visual_proj, scale, mode, topk, chunk_size).float().cpu())
+            rows.append(score_embeddings(global_emb, local, queries, model.visual_proj, scale, mode, topk, chunk_size)
+                        .float().cpu())
     if not rows: raise ValueError("image_batches yielded no batch of images")
     return torch.cat(rows)                                                                 # (n_images, N)
 
@@ -194,9 +205,11 @@ def retrieval_scores(model, image_batches: Iterable, texts: torch.Tensor, mode: 
 def _check_scores(scores: torch.Tensor, txt2img: torch.Tensor):
     if scores.dim() != 2: raise ValueError(f"scores: expected an (n_images, n_texts) matrix, got {tuple(scores.shape)}")
     if txt2img.dim() != 1 or len(txt2img) != scores.shape[1] or txt2img.is_floating_point():
-        raise ValueError(f"txt2img: expected {scores.shape[1]} integer image indices (one per text), got {tuple(txt2img.shape)}")
+        raise ValueError(f"txt2img: expected {scores.shape[1]} integer image indices (one per text), "
+                         f"got {tuple(txt2img.shape)}")
     if len(txt2img) and (txt2img.min() < 0 or txt2img.max() >= scores.shape[0]):
-        raise ValueError(f"txt2img: image indices must lie in [0, {scores.shape[0]}), got [{txt2img.min()}, {txt2img.max()}]")
+        raise ValueError(f"txt2img: image indices must lie in [0, {scores.shape[0]}), "
+                         f"got [{txt2img.min()}, {txt2img.max()}]")
 
 def text_to_image_ranks(scores: torch.Tensor, txt2img, chunk: int = 4096) -> torch.Tensor:
     "0-based position of each text's own image among all images (scores (M, N)) → (N,)."
@@ -215,7 +228,7 @@ def image_to_text_ranks(scores: torch.Tensor, txt2img, chunk: int = 1024) -> tor
     (M, N), text_idx = scores.shape, torch.arange(scores.shape[1], device=scores.device)
     if (no_text := (torch.bincount(txt2img, minlength=M) == 0).nonzero().flatten()).numel():
         raise ValueError(f"images {no_text[:10].tolist()} have no text in txt2img: every image needs at least one")
-    own = scores[txt2img, text_idx]                                                       # (N,) each text with its image
+    own = scores[txt2img, text_idx]                                                      # (N,) each text with its image
     best = own.new_full((M,), -math.inf).scatter_reduce(0, txt2img, own, 'amax')           # (M,) best own score
     is_best = own == best[txt2img]
     first = torch.full((M,), N, device=scores.device).scatter_reduce(0, txt2img[is_best], text_idx[is_best], 'amin')
@@ -242,8 +255,8 @@ def retrieval_metrics(scores: torch.Tensor, txt2img) -> dict:
     return out
 
 # %% ../nbs/09_retrieval.ipynb #629c3be6
-def evaluate_retrieval(model, image_batches: Iterable, texts: torch.Tensor, txt2img, mode: str = 'flair', topk: int = 128,
-                       **kwargs) -> dict:
+def evaluate_retrieval(model, image_batches: Iterable, texts: torch.Tensor, txt2img, mode: str = 'flair',
+                       topk: int = 128, **kwargs) -> dict:
     "The official metrics of `model` on images (batches) and texts (token ids), text j belonging to image txt2img[j]."
     return retrieval_metrics(retrieval_scores(model, image_batches, texts, mode, topk, **kwargs), txt2img)
 

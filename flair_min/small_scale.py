@@ -30,8 +30,8 @@ from .train import TrainConfig, Trainer, check_tokens, resolve_device, write_run
 def gpu_info(device=None) -> dict:
     "Name, memory (GiB, as PyTorch reports it) and bfloat16 support of a CUDA device; a clear error without one."
     if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA GPU is visible: on Colab choose Runtime → Change runtime type → a GPU (T4, L4 or A100); "
-                           "to run on the CPU, pass preset='cpu'")
+        raise RuntimeError("no CUDA GPU is visible: on Colab choose Runtime → Change runtime type → a GPU "
+                           "(T4, L4 or A100); to run on the CPU, pass preset='cpu'")
     index = torch.device(device).index if device is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index or 0)
     return {'name': props.name, 'memory_gib': props.total_memory / 2**30, 'bf16': props.major >= 8}
@@ -46,7 +46,7 @@ class GpuPreset:
     num_captions: int = 8               # K sub-captions per image (paper: 8)
     precision: str = 'amp_bf16'         # TrainConfig.precision: 'amp' (fp16 + GradScaler), 'amp_bf16', 'fp32'
     grad_checkpointing: bool = False    # recompute the towers' blocks in the backward pass
-    accum_steps: int = 1                # micro-batches per optimizer step (exact: all of them are each other's negatives)
+    accum_steps: int = 1                # micro-batches per optimizer step (exact: all are each other's negatives)
     num_workers: int = 2                # loader worker processes, at most (capped at os.cpu_count())
     loss_chunk_size: int | None = None  # score the text-conditioned pairs in recomputed chunks of this many images
     peak_gib: float | None = None       # measured peak memory of a step with these settings (ViT-B-16-FLAIR, 224 px)
@@ -61,41 +61,49 @@ class GpuPreset:
     def images_per_step(self) -> int: return self.batch_size * self.accum_steps
 
 PRESETS = {  # peak_gib: measure_train_step on an H200 (the table below)
-    'T4':        GpuPreset('T4', 14.0, batch_size=128, precision='amp', grad_checkpointing=True, num_workers=2, peak_gib=6.1),
-    'L4':        GpuPreset('L4', 21.0, batch_size=128, precision='amp_bf16', grad_checkpointing=True, num_workers=8, peak_gib=6.1),
+    'T4':        GpuPreset('T4', 14.0, batch_size=128, precision='amp', grad_checkpointing=True,
+                           num_workers=2, peak_gib=6.1),
+    'L4':        GpuPreset('L4', 21.0, batch_size=128, precision='amp_bf16', grad_checkpointing=True,
+                           num_workers=8, peak_gib=6.1),
     'A100-40GB': GpuPreset('A100-40GB', 38.0, batch_size=128, precision='amp_bf16', num_workers=8, peak_gib=27.2),
     'A100-80GB': GpuPreset('A100-80GB', 75.0, batch_size=256, precision='amp_bf16', num_workers=8, peak_gib=52.8),
     'cpu':       GpuPreset('cpu', 0.0, batch_size=8, num_captions=4, precision='fp32', num_workers=0),
 }
 
 # %% ../nbs/13_small_scale.ipynb #5ee74502
-GPU_KINDS = ((r'\bT4\b', 'T4'), (r'\bL4\b', 'L4'), (r'\bA100\b', 'A100'), (r'\bG?H[12]00\b', 'A100-80GB'))  # (name pattern, preset)
+GPU_KINDS = ((r'\bT4\b', 'T4'), (r'\bL4\b', 'L4'), (r'\bA100\b', 'A100'),  # (name pattern, preset)
+             (r'\bG?H[12]00\b', 'A100-80GB'))
 
 def _preset_for_name(device_name: str, memory_gib: float | None) -> GpuPreset:
     kind = next((k for pattern, k in GPU_KINDS if re.search(pattern, device_name)), None)
     if kind is None:
-        raise ValueError(f"no preset for the GPU {device_name!r}: presets exist for {[k for k in PRESETS if k != 'cpu']}; "
-                         f"pass one by name (preset='T4' is the safe choice for a 16 GB card) or a GpuPreset of your own")
+        raise ValueError(f"no preset for the GPU {device_name!r}: "
+                         f"presets exist for {[k for k in PRESETS if k != 'cpu']}; pass one by name "
+                         "(preset='T4' is the safe choice for a 16 GB card) or a GpuPreset of your own")
     if kind == 'A100': kind = 'A100-80GB' if (memory_gib or 0) >= 70 or '80GB' in device_name else 'A100-40GB'
     return PRESETS[kind]
 
-def choose_preset(device_name: str | None = None, memory_gib: float | None = None, bf16: bool | None = None) -> GpuPreset:
+def choose_preset(device_name: str | None = None, memory_gib: float | None = None,
+                  bf16: bool | None = None) -> GpuPreset:
     "The preset of a GPU, by its name and memory (read from the visible GPU when no name is given)."
     if device_name is None: device_name, memory_gib, bf16 = gpu_info().values()
     preset = _preset_for_name(device_name, memory_gib)
     if memory_gib is not None and memory_gib < preset.memory_gib:
-        raise ValueError(f"the GPU {device_name!r} reports {memory_gib:.1f} GiB, less than the {preset.memory_gib} GiB the "
-                         f"{preset.name} preset is meant for (a MIG slice, or a GPU shared with another process?): pass a "
-                         f"smaller batch, e.g. preset=replace(PRESETS[{preset.name!r}], batch_size={preset.batch_size // 2})")
+        raise ValueError(f"the GPU {device_name!r} reports {memory_gib:.1f} GiB, less than the {preset.memory_gib} "
+                         f"GiB the {preset.name} preset is meant for (a MIG slice, or a GPU shared with another "
+                         "process?): pass a smaller batch, e.g. "
+                         f"preset=replace(PRESETS[{preset.name!r}], batch_size={preset.batch_size // 2})")
     if bf16 is False and preset.precision == 'amp_bf16':
-        raise ValueError(f"the GPU {device_name!r} does not compute in bfloat16: use precision='amp' (float16), e.g. preset='T4'")
+        raise ValueError(f"the GPU {device_name!r} does not compute in bfloat16: "
+                         "use precision='amp' (float16), e.g. preset='T4'")
     return preset
 
 def resolve_preset(preset: 'str | GpuPreset' = 'auto') -> GpuPreset:
     "'auto' (the visible GPU's preset), a name in PRESETS, or a GpuPreset."
     if isinstance(preset, GpuPreset): return preset
     if preset == 'auto': return choose_preset()
-    if preset not in PRESETS: raise ValueError(f"preset={preset!r}: expected 'auto', one of {list(PRESETS)} or a GpuPreset")
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: expected 'auto', one of {list(PRESETS)} or a GpuPreset")
     return PRESETS[preset]
 
 # %% ../nbs/13_small_scale.ipynb #bb28b980
@@ -128,11 +136,13 @@ def measure_train_step(model='ViT-B-16-FLAIR', batch_size: int = 128, num_captio
     "Samples/s and peak memory of real training steps on a synthetic batch already on the device (no data loading)."
     config, device = FlairConfig.resolve(model), resolve_device(device)
     torch.manual_seed(seed)
-    trainer = Trainer(FLAIR(config), TrainConfig(steps=steps + warmup_steps, warmup=1, precision=precision, device=str(device),
-                                                 grad_checkpointing=grad_checkpointing, accum_steps=accum_steps,
-                                                 loss_chunk_size=loss_chunk_size, seed=seed, progress=False))
-    row = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', precision=trainer.precision,
-               batch_size=batch_size, num_captions=num_captions, accum_steps=accum_steps, grad_checkpointing=grad_checkpointing)
+    trainer = Trainer(FLAIR(config), TrainConfig(steps=steps + warmup_steps, warmup=1, precision=precision,
+                                                 device=str(device), grad_checkpointing=grad_checkpointing,
+                                                 accum_steps=accum_steps, loss_chunk_size=loss_chunk_size,
+                                                 seed=seed, progress=False))
+    row = dict(device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+               precision=trainer.precision, batch_size=batch_size, num_captions=num_captions,
+               accum_steps=accum_steps, grad_checkpointing=grad_checkpointing)
     micro_batches = [random_batch(config, batch_size, num_captions, device, seed + j) for j in range(accum_steps)]
     try: seconds, loss = _timed_steps(trainer, micro_batches, steps, warmup_steps)
     except torch.cuda.OutOfMemoryError: seconds = None
@@ -145,7 +155,8 @@ def measure_train_step(model='ViT-B-16-FLAIR', batch_size: int = 128, num_captio
 
 def _memory(device: torch.device) -> dict:
     if device.type != 'cuda': return {'peak_mem_gib': None, 'reserved_gib': None}
-    return {'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30, 'reserved_gib': torch.cuda.max_memory_reserved(device) / 2**30}
+    return {'peak_mem_gib': torch.cuda.max_memory_allocated(device) / 2**30,
+            'reserved_gib': torch.cuda.max_memory_reserved(device) / 2**30}
 
 # %% ../nbs/13_small_scale.ipynb #e4755ba9
 def measure_grid(model='ViT-B-16-FLAIR', batch_sizes=(64, 128, 256), checkpointing=(False, True),
@@ -155,7 +166,7 @@ def measure_grid(model='ViT-B-16-FLAIR', batch_sizes=(64, 128, 256), checkpointi
             for p in precisions for c in checkpointing for b in batch_sizes]
 
 def measurement_table(rows: list[dict]) -> str:
-    "A markdown table of measurements: precision, batch, K, checkpointing, samples/s, step time, peak and reserved memory."
+    "A markdown table of measurements: precision, batch, K, checkpointing, samples/s, s/step, peak and reserved memory."
     fmt = lambda v, spec: '–' if v is None else format(v, spec)
     lines = ['| precision | batch | K | grad checkpointing | samples/s | s/step | peak GiB | reserved GiB |',
              '|---|---|---|---|---|---|---|---|']
@@ -167,7 +178,8 @@ def measurement_table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/13_small_scale.ipynb #5781a7a1
-TENSOR_TFLOPS = {'T4': 65, 'L4': 121, 'A100-40GB': 312, 'A100-80GB': 312, 'H100': 989, 'H200': 989}  # dense fp16/bf16 peaks
+# dense fp16/bf16 peaks
+TENSOR_TFLOPS = {'T4': 65, 'L4': 121, 'A100-40GB': 312, 'A100-80GB': 312, 'H100': 989, 'H200': 989}
 
 def scale_throughput(samples_per_s: float, measured_on: str = 'H200', target: str = 'T4') -> float:
     "An estimate (not a measurement): samples/s on `target` from samples/s on `measured_on`, by tensor-core peak."
@@ -177,7 +189,7 @@ def scale_throughput(samples_per_s: float, measured_on: str = 'H200', target: st
 
 # %% ../nbs/13_small_scale.ipynb #9c231cde
 def split_overrides(overrides: dict) -> tuple[dict, dict, dict]:
-    "Keyword overrides sorted into GpuPreset, DataConfig and TrainConfig fields (in that order); a clear error otherwise."
+    "Keyword overrides sorted into GpuPreset, DataConfig, TrainConfig fields (in that order); a clear error otherwise."
     if fixed := sorted({'image_size', 'context_length'} & set(overrides)):
         raise TypeError(f"{fixed} follow the model config: set them in `model` (e.g. a FlairConfig), not as overrides")
     names = [{f.name for f in fields(c)} - {'name', 'memory_gib'} for c in (GpuPreset, DataConfig, TrainConfig)]
@@ -196,8 +208,8 @@ def data_config(preset: GpuPreset, config: FlairConfig, seed: int = 0, **overrid
 
 def train_config(preset: GpuPreset, steps: int, out_dir, **overrides) -> TrainConfig:
     "The TrainConfig of a preset: the paper's optimizer, a warm-up of a tenth of the run, resume='latest'."
-    defaults = dict(steps=steps, warmup=min(2000, max(1, steps // 10)), precision=preset.precision, out_dir=str(out_dir),
-                    grad_checkpointing=preset.grad_checkpointing, accum_steps=preset.accum_steps,
+    defaults = dict(steps=steps, warmup=min(2000, max(1, steps // 10)), precision=preset.precision,
+                    out_dir=str(out_dir), grad_checkpointing=preset.grad_checkpointing, accum_steps=preset.accum_steps,
                     loss_chunk_size=preset.loss_chunk_size, resume='latest', save_every=200)
     return TrainConfig(**{**defaults, **overrides})
 
@@ -209,9 +221,11 @@ def train_small(source, out_dir, model='ViT-B-16-FLAIR', preset='auto', steps: i
     config, (preset_over, data_over, train_over) = FlairConfig.resolve(model), split_overrides(overrides)
     preset = replace(resolve_preset(preset), **preset_over)
     loader = make_train_loader(source, data_config(preset, config, **{'seed': seed, **data_over}))
-    evaluate = None if eval_source is None else retrieval_hook(*read_pairs(eval_source, eval_samples, config.image_size))
+    evaluate = (None if eval_source is None
+                else retrieval_hook(*read_pairs(eval_source, eval_samples, config.image_size)))
     torch.manual_seed(seed)
-    trainer = Trainer(FLAIR(config), train_config(preset, steps, out_dir, seed=seed, eval_every=eval_every, **train_over))
+    trainer = Trainer(FLAIR(config), train_config(preset, steps, out_dir, seed=seed, eval_every=eval_every,
+                                                  **train_over))
     history = trainer.fit(loader, until=until, evaluate=evaluate, extra={'preset': asdict(preset)})
     if trainer.rank == 0: write_run_summary(out_dir, history)
     return trainer.model, history, Path(out_dir) / 'checkpoints' / 'latest.pt'
@@ -240,7 +254,8 @@ def shard_pairs(source, n: int, caption_fields=LONG_CAPTION_FIELDS) -> tuple[lis
     return images, captions
 
 # %% ../nbs/13_small_scale.ipynb #250baf67
-def read_pairs(source, n: int = 1000, image_size: int = 224, caption_fields=LONG_CAPTION_FIELDS) -> tuple[torch.Tensor, list]:
+def read_pairs(source, n: int = 1000, image_size: int = 224,
+               caption_fields=LONG_CAPTION_FIELDS) -> tuple[torch.Tensor, list]:
     "Held-out pairs: images (n, 3, S, S) through the evaluation transform, and n captions; from shards or an eval .npz."
     if str(source).endswith('.npz'):
         split = load_eval_split(source)
@@ -251,19 +266,22 @@ def read_pairs(source, n: int = 1000, image_size: int = 224, caption_fields=LONG
     return torch.stack([transform(image) for image in images]), captions    # (n, 3, S, S)
 
 @torch.no_grad()
-def heldout_retrieval(model: FLAIR, images: torch.Tensor, captions: list, modes=('flair', 'global'), batch_size: int = 64,
-                       device=None) -> dict:
+def heldout_retrieval(model: FLAIR, images: torch.Tensor, captions: list, modes=('flair', 'global'),
+                      batch_size: int = 64, device=None) -> dict:
     "The official retrieval metrics of `model` on pairs (image i ↔ caption i), one dict per scoring mode."
-    if len(images) != len(captions): raise ValueError(f"{len(images)} images but {len(captions)} captions: expected one caption per image")
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions: expected one caption per image")
     texts = get_tokenizer(context_length=model.config.context_length)(list(captions))   # (N, context_length)
     check_tokens(texts, model)
     training = model.training; model.eval()
-    try: return {mode: evaluate_retrieval(model, images.split(batch_size), texts, torch.arange(len(captions)), mode, device=device)
+    try: return {mode: evaluate_retrieval(model, images.split(batch_size), texts, torch.arange(len(captions)),
+                                          mode, device=device)
                  for mode in modes}
     finally: model.train(training)
 
 def retrieval_hook(images: torch.Tensor, captions: list, modes=('flair', 'global'), batch_size: int = 64,
-                   keys=('text_to_image_R@1', 'text_to_image_R@5', 'image_to_text_R@1', 'image_to_text_R@5')) -> Callable:
+                   keys=('text_to_image_R@1', 'text_to_image_R@5',
+                         'image_to_text_R@1', 'image_to_text_R@5')) -> Callable:
     "An `evaluate(model) -> dict` for Trainer.fit: `heldout_retrieval` as flat 'mode/metric' keys (`keys=None`: all)."
     def evaluate(model):
         metrics = heldout_retrieval(model, images, captions, modes, batch_size)

@@ -37,7 +37,8 @@ def default_bpe_path() -> Path:
 def load_merges(path=None) -> list[tuple[str, str]]:
     "The first `NUM_MERGES` merges of the CLIP merges file, as (left, right) pairs."
     path = Path(path or default_bpe_path())
-    if not path.exists(): raise FileNotFoundError(f"BPE merges file not found at {path}; expected the gzipped CLIP merges file")
+    if not path.exists():
+        raise FileNotFoundError(f"BPE merges file not found at {path}; expected the gzipped CLIP merges file")
     lines = gzip.open(path, 'rt', encoding='utf-8').read().split('\n')
     return [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]  # line 0 is a '#version' header
 
@@ -81,7 +82,8 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
 class SimpleTokenizer:
     "CLIP's byte-level BPE tokenizer with a per-piece and a per-text cache. Call it on a string or a list."
     def __init__(self, bpe_path=None, context_length: int = 77, text_cache_size: int = 65536):
-        if context_length < 2: raise ValueError(f"context_length={context_length}: expected at least 2 (room for SOT and EOT)")
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length}: expected at least 2 (room for SOT and EOT)")
         merges = load_merges(bpe_path)
         self.context_length = context_length
         self.byte_encoder = bytes_to_unicode()
@@ -149,7 +151,8 @@ def get_tokenizer(model_name: str = 'ViT-B-16-FLAIR', context_length: int | None
     "The CLIP BPE tokenizer for `model_name` (shared, cached), padding/truncating to `context_length`."
     if context_length is None:
         if model_name not in MODEL_CONTEXT_LENGTHS:
-            raise ValueError(f"unknown model_name {model_name!r}: expected one of {sorted(MODEL_CONTEXT_LENGTHS)} or pass context_length")
+            raise ValueError(f"unknown model_name {model_name!r}: expected one of "
+                             f"{sorted(MODEL_CONTEXT_LENGTHS)} or pass context_length")
         context_length = MODEL_CONTEXT_LENGTHS[model_name]
     return _shared_tokenizer(context_length)
 

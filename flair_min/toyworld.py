@@ -37,7 +37,8 @@ POSITIONS = ('in the top left', 'at the top', 'in the top right',
              'on the left', 'in the center', 'on the right',
              'in the bottom left', 'at the bottom', 'in the bottom right')  # the 3 × 3 cells, row-major
 NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
-BACKGROUND_SENTENCE, COUNT_SENTENCE = -1, -2  # what a scene sentence refers to, where an object sentence has its object's index
+# what a scene sentence refers to, where an object sentence has its object's index
+BACKGROUND_SENTENCE, COUNT_SENTENCE = -1, -2
 
 # %% ../nbs/07_toyworld.ipynb #0dbaeb3b
 @dataclass(frozen=True)
@@ -65,19 +66,24 @@ class ToyWorldConfig:
 def _check_subset(name: str, values, allowed) -> None:
     bad = [v for v in values if v not in allowed]
     if bad or not values:
-        raise ValueError(f"ToyWorldConfig.{name}={values!r} is not usable ({bad or 'empty'}); expected a non-empty subset of {list(allowed)}")
+        raise ValueError(f"ToyWorldConfig.{name}={values!r} is not usable ({bad or 'empty'}); "
+                         f"expected a non-empty subset of {list(allowed)}")
 
 def check_config(c: ToyWorldConfig) -> None:
     "Raise a ValueError naming the first field of `c` that cannot work."
     if c.image_size < 24:
-        raise ValueError(f"ToyWorldConfig.image_size={c.image_size} is too small; expected at least 24 pixels so small objects stay recognisable")
+        raise ValueError(f"ToyWorldConfig.image_size={c.image_size} is too small; "
+                         "expected at least 24 pixels so small objects stay recognisable")
     if not 1 <= c.min_objects <= c.max_objects <= len(POSITIONS):
-        raise ValueError(f"ToyWorldConfig objects range ({c.min_objects}, {c.max_objects}) is invalid; expected 1 <= min_objects <= max_objects <= 9")
-    for name, allowed in [('shapes', SHAPE_NAMES), ('colours', PALETTE), ('sizes', SIZES), ('backgrounds', BACKGROUNDS), ('textures', TEXTURES)]:
+        raise ValueError(f"ToyWorldConfig objects range ({c.min_objects}, {c.max_objects}) is invalid; "
+                         "expected 1 <= min_objects <= max_objects <= 9")
+    for name, allowed in [('shapes', SHAPE_NAMES), ('colours', PALETTE), ('sizes', SIZES), ('backgrounds', BACKGROUNDS),
+                          ('textures', TEXTURES)]:
         _check_subset(name, getattr(c, name), allowed)
     for name in ('colours_per_image', 'shapes_per_image'):
         lo, hi = getattr(c, name)
-        if not 1 <= lo <= hi: raise ValueError(f"ToyWorldConfig.{name}={(lo, hi)} is invalid; expected a range 1 <= lo <= hi")
+        if not 1 <= lo <= hi:
+            raise ValueError(f"ToyWorldConfig.{name}={(lo, hi)} is invalid; expected a range 1 <= lo <= hi")
     if c.image_format not in ('jpg', 'png'):
         raise ValueError(f"ToyWorldConfig.image_format={c.image_format!r}; expected 'jpg' or 'png'")
 
@@ -119,7 +125,7 @@ class ToyObject:
 
 @dataclass(frozen=True)
 class ToyLayout:
-    "What one image shows: objects (in cell order), background colour and texture, and the caption order of the objects."
+    "What one image shows: objects (in cell order), background colour and texture, and the objects' caption order."
     objects: tuple[ToyObject, ...]
     background: str
     texture: str
@@ -142,13 +148,15 @@ def sample_layout(rng: np.random.Generator, config: ToyWorldConfig) -> ToyLayout
     cells = np.sort(rng.permutation(len(POSITIONS))[:k]).tolist()  # k distinct cells
     colours = _pick(rng, config.colours, config.colours_per_image)
     shapes = _pick(rng, config.shapes, config.shapes_per_image)
-    shape_ids, colour_ids, size_ids = (rng.integers(n, size=k).tolist() for n in (len(shapes), len(colours), len(config.sizes)))
+    shape_ids, colour_ids, size_ids = (rng.integers(n, size=k).tolist()
+                                       for n in (len(shapes), len(colours), len(config.sizes)))
     offsets = rng.uniform(-1, 1, (k, 2)).tolist()                                          # (k, 2)
     tints = rng.integers(-config.colour_jitter, config.colour_jitter + 1, (k, 3)).tolist()  # (k, 3)
     objects = tuple(ToyObject(shapes[s], colours[c], config.sizes[z], cell, tuple(o), tuple(t))
                     for s, c, z, cell, o, t in zip(shape_ids, colour_ids, size_ids, cells, offsets, tints))
     return ToyLayout(objects, background=config.backgrounds[rng.integers(len(config.backgrounds))],
-                     texture=config.textures[rng.integers(len(config.textures))], order=tuple(rng.permutation(k).tolist()))
+                     texture=config.textures[rng.integers(len(config.textures))],
+                     order=tuple(rng.permutation(k).tolist()))
 
 # %% ../nbs/07_toyworld.ipynb #14926efb
 def swap_bindings(layout: ToyLayout, rng: np.random.Generator, tries: int = 20) -> ToyLayout:
@@ -156,7 +164,8 @@ def swap_bindings(layout: ToyLayout, rng: np.random.Generator, tries: int = 20) 
     objects = layout.objects
     for _ in range(tries):
         colour, shape, size = (rng.permutation(len(objects)) for _ in range(3))
-        twin = tuple(replace(o, colour=objects[colour[j]].colour, shape=objects[shape[j]].shape, size=objects[size[j]].size)
+        twin = tuple(replace(o, colour=objects[colour[j]].colour, shape=objects[shape[j]].shape,
+                             size=objects[size[j]].size)
                      for j, o in enumerate(objects))
         if [o.sentence for o in twin] != [o.sentence for o in objects]: break  # else all objects alike: no twin exists
     return replace(layout, objects=twin)
@@ -175,7 +184,8 @@ def background_image(colour: str, texture: str, size: int, contrast: int) -> np.
     period = max(2, size // 16)
     y, x = np.indices((size, size))  # (size, size) each
     pattern = {'plain': 0 * x, 'striped': (x + y) // period % 2, 'checkered': (x // period + y // period) % 2}[texture]
-    image = np.clip(np.add(BACKGROUNDS[colour], contrast * pattern[..., None]), 0, 255).astype(np.uint8)  # (size, size, 3)
+    # (size, size, 3)
+    image = np.clip(np.add(BACKGROUNDS[colour], contrast * pattern[..., None]), 0, 255).astype(np.uint8)
     image.flags.writeable = False
     return image
 
@@ -199,7 +209,8 @@ def render_layout(layout: ToyLayout, config: ToyWorldConfig) -> tuple[np.ndarray
     masks = np.zeros((len(layout.objects), size, size), bool)  # (k, H, W)
     for j, obj in enumerate(layout.objects):
         cx, cy, r = object_geometry(obj, size)
-        y0, y1, x0, x1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size), max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
+        y0, y1, x0, x1 = (max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size),
+                          max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size))
         dx = np.arange(x0, x1)[None, :] + 0.5 - cx  # (1, w)
         dy = np.arange(y0, y1)[:, None] + 0.5 - cy  # (h, 1)
         inside = SHAPE_MASKS[obj.shape](dx, dy, r)  # (h, w): only a window around the object is computed
@@ -212,12 +223,14 @@ def describe(layout: ToyLayout) -> tuple[list[str], list[int]]:
     k = len(layout.objects)
     count = 'There is one object' if k == 1 else f'There are {NUMBER_WORDS[k]} objects'
     sentences = [f'The background is {layout.texture} {layout.background}', count]
-    return sentences + [layout.objects[j].sentence for j in layout.order], [BACKGROUND_SENTENCE, COUNT_SENTENCE, *layout.order]
+    return (sentences + [layout.objects[j].sentence for j in layout.order],
+            [BACKGROUND_SENTENCE, COUNT_SENTENCE, *layout.order])
 
 def sentence_masks(object_masks: np.ndarray, refs) -> np.ndarray:
     "(S, H, W): an object sentence's object, the background sentence's free pixels, the count sentence's objects."
     anything = object_masks.any(0)  # (H, W)
-    return np.stack([~anything if r == BACKGROUND_SENTENCE else anything if r == COUNT_SENTENCE else object_masks[r] for r in refs])
+    return np.stack([~anything if r == BACKGROUND_SENTENCE else anything if r == COUNT_SENTENCE else object_masks[r]
+                     for r in refs])
 
 def join_sentences(sentences) -> str:
     "The long caption: sentences joined with '. ', with a final full stop."
@@ -249,7 +262,8 @@ def patch_coverage(masks: np.ndarray, patch_size: int) -> np.ndarray:
     "Fraction of each patch covered by each mask: (..., H, W) bool -> (..., H/p, W/p) float."
     *lead, h, w = masks.shape
     if h % patch_size or w % patch_size:
-        raise ValueError(f"masks of {h}×{w} pixels do not tile into patches of {patch_size}; expected a divisor of both")
+        raise ValueError(f"masks of {h}×{w} pixels do not tile into patches of {patch_size}; "
+                         "expected a divisor of both")
     grid = masks.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)  # (..., gh, p, gw, p)
     return grid.mean((-3, -1))
 
@@ -268,14 +282,17 @@ def stored_image(image: np.ndarray, config: ToyWorldConfig) -> np.ndarray:
 def encode_image(image: np.ndarray, config: ToyWorldConfig = ToyWorldConfig()) -> bytes:
     "JPEG (full-resolution chroma: 2×2 colour subsampling would smear 10-pixel objects) or PNG bytes."
     buffer = io.BytesIO()
-    if config.image_format == 'jpg': Image.fromarray(image).save(buffer, format='JPEG', quality=config.jpeg_quality, subsampling=0)
-    else: Image.fromarray(image).save(buffer, format='PNG')
+    if config.image_format == 'jpg':
+        Image.fromarray(image).save(buffer, format='JPEG', quality=config.jpeg_quality, subsampling=0)
+    else:
+        Image.fromarray(image).save(buffer, format='PNG')
     return buffer.getvalue()
 
 def sentence_attributes(scenes) -> np.ndarray:
     "(S, 4) int16: shape, colour, size, position index of each sentence's object; -1 for scene sentences."
     names = (SHAPE_NAMES, tuple(PALETTE), tuple(SIZES))
-    rows = [[-1] * 4 if r < 0 else [*(n.index(getattr(s.layout.objects[r], f)) for n, f in zip(names, ('shape', 'colour', 'size'))),
+    rows = [[-1] * 4 if r < 0 else [*(n.index(getattr(s.layout.objects[r], f))
+                                      for n, f in zip(names, ('shape', 'colour', 'size'))),
                                     s.layout.objects[r].cell] for s in scenes for r in s.sentence_object]
     return np.array(rows, np.int16).reshape(-1, 4)
 
@@ -296,12 +313,14 @@ def make_eval_split(n: int, config: ToyWorldConfig = ToyWorldConfig(), seed: int
     sentences = [t for s in scenes for t in s.sentences]
     sentence_image = np.array([s.index for s in scenes for _ in s.sentences], np.int32)
     return dict(images=np.stack([stored_image(s.image, config) for s in scenes]),  # (N, H, W, 3)
-                captions=np.array([s.caption for s in scenes]), sentences=np.array(sentences), sentence_image=sentence_image,
+                captions=np.array([s.caption for s in scenes]), sentences=np.array(sentences),
+                sentence_image=sentence_image,
                 sentence_object=np.array([r for s in scenes for r in s.sentence_object], np.int16),
                 attributes=sentence_attributes(scenes), masks=np.concatenate([s.masks for s in scenes]),  # (S, H, W)
                 positives=positives_matrix(sentences, sentence_image, n),
                 twin=np.arange(n, dtype=np.int32) ^ 1 if twins else np.full(n, -1, np.int32),
-                shape_names=np.array(SHAPE_NAMES), colour_names=np.array(list(PALETTE)), size_names=np.array(list(SIZES)),
+                shape_names=np.array(SHAPE_NAMES), colour_names=np.array(list(PALETTE)),
+                size_names=np.array(list(SIZES)),
                 position_names=np.array(POSITIONS), config=np.array(json.dumps(asdict(config))))
 
 EVAL_KEYS = ('images', 'captions', 'sentences', 'sentence_image', 'sentence_object', 'attributes', 'masks', 'positives',
@@ -324,7 +343,8 @@ def load_eval_split(path) -> dict:
 
 def eval_config(split: dict) -> ToyWorldConfig:
     "The ToyWorldConfig an evaluation split was drawn with."
-    return ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(split['config'])).items()})
+    return ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in json.loads(str(split['config'])).items()})
 
 # %% ../nbs/07_toyworld.ipynb #0f5fb171
 def sample_key(index: int) -> str: return f'{index:08d}'
@@ -365,13 +385,15 @@ def write_shard(path, indices, config: ToyWorldConfig = ToyWorldConfig(), form: 
 
 def _write_shard_job(job) -> Path: return write_shard(*job)
 
-def write_shards(out_dir, n: int, config: ToyWorldConfig = ToyWorldConfig(), samples_per_shard: int = 1000, workers: int = 1,
-                 prefix: str = 'toy-train', form: str = 'pixelprose', start: int = 0) -> list[Path]:
-    "Write scenes start..start+n-1 to `{prefix}-000000.tar`, ... in `out_dir`, `samples_per_shard` each, with `workers` processes."
-    if n < 1 or samples_per_shard < 1: raise ValueError(f"n={n} and samples_per_shard={samples_per_shard} must both be >= 1")
+def write_shards(out_dir, n: int, config: ToyWorldConfig = ToyWorldConfig(), samples_per_shard: int = 1000,
+                 workers: int = 1, prefix: str = 'toy-train', form: str = 'pixelprose', start: int = 0) -> list[Path]:
+    "Scenes start..start+n-1 to `out_dir`/`{prefix}-000000.tar`, …: `samples_per_shard` each, `workers` processes."
+    if n < 1 or samples_per_shard < 1:
+        raise ValueError(f"n={n} and samples_per_shard={samples_per_shard} must both be >= 1")
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(out_dir / f'{prefix}-{j:06d}.tar', range(lo, min(lo + samples_per_shard, start + n)), config, form)
             for j, lo in enumerate(range(start, start + n, samples_per_shard))]
     if workers <= 1 or len(jobs) == 1: return [_write_shard_job(job) for job in jobs]
     context = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool: return list(pool.map(_write_shard_job, jobs))
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(_write_shard_job, jobs))

@@ -3,11 +3,13 @@ which sets the environment torchrun would set), or started by hand with
 `torchrun --standalone --nproc_per_node=2 tests/ddp_train_worker.py OUT`.
 
 Each process trains the tiny model on its half of every global batch (images rank*b .. rank*b+b-1),
-three runs in one process group: the FLAIR loss, the global multi-positive loss (its pooling layer is
-unused, so DDP must look for unused parameters), and the FLAIR loss with two accumulated micro-batches.
+three runs in one process group that one process on the whole batches must reproduce: the FLAIR loss (its all-gather
+variant), the global multi-positive loss (its pooling layer is unused, so DDP must look for unused parameters), and the
+FLAIR loss with two accumulated micro-batches; and a fourth with the default, the official ring objective.
 Rank 0 saves the histories and the final weights to OUT/ddp.pt.
 """
 import os, sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,7 +17,9 @@ import torch.distributed as dist
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.train import Trainer, TrainConfig, init_distributed
 
-RUNS = {'flair': dict(loss='flair'), 'mps': dict(loss='mps'), 'flair_accum': dict(loss='flair', accum_steps=2)}
+RUNS = {'flair': dict(loss='flair', distributed_loss='gather'), 'mps': dict(loss='mps'),
+        'flair_accum': dict(loss='flair', accum_steps=2, distributed_loss='gather')}
+RING = dict(loss='flair')   # the default objective under DDP: the official ring, which no single process computes
 
 
 def global_batches(steps: int = 3, batch_size: int = 4, num_captions: int = 2, seed: int = 0):
@@ -47,7 +51,15 @@ def main(out: str):
     rank, world = init_distributed()
     b = 4 // world
     shard = [(images[rank * b:(rank + 1) * b], texts[rank * b:(rank + 1) * b]) for images, texts in global_batches()]
-    results = {name: train_run(shard, **knobs) for name, knobs in RUNS.items()}
+    results = {}
+    for name, knobs in {**RUNS, 'ring': RING}.items():
+        results[name] = train_run(shard, **knobs)
+        Path(out, f'rank{rank}.progress').write_text(name)    # the parent detects a hang by the lack of progress
+    ring_weights = results['ring'][1]
+    for name, value in ring_weights.items():                    # DDP keeps every rank's weights the same
+        others = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(others, value)
+        assert all(torch.equal(o, others[0]) for o in others), name
     if rank == 0: torch.save({'world': world, **results}, f'{out}/ddp.pt')
     dist.barrier()
     dist.destroy_process_group()

@@ -229,3 +229,23 @@ def test_toy_world(num_workers):
     assert kept >= 1
     assert {k: v for k, v in bad.skipped().items() if v} == {k: 1 for k in ('no_image', 'corrupt_image', 'bad_json',
                                                                             'no_caption', 'empty_caption')}
+
+
+@pytest.mark.parametrize('mode', ['P', 'RGBA', 'LA', 'CMYK'])
+def test_training_converts_to_rgb_before_the_crop(mode):
+    "As the official loader (decode 'pilrgb', then the random crop): a non-RGB image is converted first."
+    import io as _io, json as _json, random as _random
+    from flair_min.data import seeded
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (40, 56, 4), dtype=np.uint8), 'RGBA')     # alpha varies per pixel
+    image = {'P': rgba.convert('RGB').convert('P', palette=Image.ADAPTIVE), 'RGBA': rgba}.get(mode) or rgba.convert(mode)
+    fmt, key = ('JPEG', 'jpg') if mode == 'CMYK' else ('PNG', 'png')
+    out = _io.BytesIO(); image.save(out, fmt)
+    decoded = Image.open(_io.BytesIO(out.getvalue())); decoded.load()
+    assert decoded.mode == mode
+    raw = {key: out.getvalue(), 'json': _json.dumps({'caption': 'A cat. A dog.'}).encode()}
+    pixels, _ = make_pipeline(32, num_captions=2, context_length=16)(raw, _random.Random(3))
+    transform, seed = image_transform(32, is_train=True), _random.Random(3).getrandbits(63)
+    assert torch.equal(pixels, seeded(transform, seed, decoded.convert('RGB')))
+    if mode in ('P', 'RGBA'):   # the order changes the pixels: palettes resize nearest-neighbour, RGBA with its alpha
+        assert not torch.equal(pixels, seeded(transform, seed, decoded))

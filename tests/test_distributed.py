@@ -1,5 +1,6 @@
-"""FlairLoss under torch.distributed: 2 CPU processes (gloo) running DDP on a global batch of 4 images must
-give the loss and the gradients of one process on the same 4 images with the same negatives."""
+"""FlairLoss's all-gather variant under torch.distributed: 2 CPU processes (gloo) running DDP on a global batch of 4
+images must give the loss and the gradients of one process on the same 4 images with the same negatives. (The official
+ring objective, the default, is tested against its reference values in tests/test_ring.py.)"""
 import os, socket, subprocess, sys, time
 
 import pytest, torch
@@ -10,7 +11,7 @@ from flair_min.model import FLAIR
 from flair_min.losses import FlairLoss, draw_negative_offsets
 
 WORKER = ROOT / 'tests' / 'dist_worker.py'
-WORLD, IMAGES, K, TIMEOUT = 2, 4, 2, 90
+WORLD, IMAGES, K, STALL_S = 2, 4, 2, 120   # fail only after STALL_S seconds without any worker's progress
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()) or sys.platform == 'win32',
                                  reason='needs torch.distributed with the gloo backend over TCP (Linux or macOS)'),
@@ -43,12 +44,12 @@ def run_workers(inputs_path, tmp_path, attempts=3):
     for _ in range(attempts):
         ok, text = start_and_reap(inputs_path, tmp_path)
         if ok or 'ddress already in use' not in text: break
-    assert ok, f'distributed workers failed or timed out after {TIMEOUT}s:\n{text}'
+    assert ok, f'distributed workers failed or made no progress for {STALL_S}s:\n{text}'
     return [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(WORLD)]
 
 
 def start_and_reap(inputs_path, tmp_path):
-    "Start WORLD worker processes; stop them all as soon as one fails or TIMEOUT passes; (all succeeded, their logs)."
+    "Start WORLD worker processes; stop them all when one fails or none progressed for STALL_S; (all succeeded, logs)."
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
     if sys.platform.startswith('linux'): env.setdefault('GLOO_SOCKET_IFNAME', 'lo')
@@ -58,10 +59,13 @@ def start_and_reap(inputs_path, tmp_path):
                                str(tmp_path / f'rank{r}.pt')], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
              for r in range(WORLD)]
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
+        progress = lambda: [(tmp_path / f'rank{r}.pt.progress').read_text() if (tmp_path / f'rank{r}.pt.progress').exists()
+                            else '' for r in range(WORLD)]
+        seen, last_change = progress(), time.monotonic()
+        while time.monotonic() - last_change < STALL_S:
             codes = [p.poll() for p in procs]
             if None not in codes or any(c not in (None, 0) for c in codes): break  # all done, or one failed
+            if (now := progress()) != seen: seen, last_change = now, time.monotonic()
             time.sleep(0.05)
     finally:
         for p in procs:
@@ -75,7 +79,7 @@ def start_and_reap(inputs_path, tmp_path):
 
 def single_process(state_dict, inputs, case):
     model = FLAIR.from_state_dict(state_dict)
-    loss = FlairLoss(K, add_mps=case['add_mps'], chunk_size=case['chunk_size'])(
+    loss = FlairLoss(K, add_mps=case['add_mps'], chunk_size=case['chunk_size'], distributed='gather')(
         **model(inputs['images'], inputs['texts']), negative_offsets=case['negative_offsets'])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}

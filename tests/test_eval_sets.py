@@ -171,3 +171,14 @@ def test_eval_refuses_a_model_whose_vocabulary_the_tokenizer_overflows(eval_setu
     args = parser.parse_args(['--model', 'tiny', '--pretrained', str(tmp / 'flair_tiny_weights.pt'), '--dataset', 'coco',
                               '--root', str(root), '--workers', '0', '--device', 'cpu', '--output', str(tmp / 'x.json')])
     with pytest.raises(ValueError, match="vocabulary has 1000 entries"): run_eval(args)
+
+
+def test_eval_split_and_image_size_options(eval_setup, capsys):
+    tmp, root = eval_setup
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    common = ['--pretrained', str(tmp / 'tiny_clip_vocab.pt'), '--root', str(root), '--workers', '0', '--device', 'cpu']
+    results = run_eval(parser.parse_args(['--dataset', 'coco', '--force-image-size', '48', '--output',
+                                          str(tmp / 'at48.json'), *common]))
+    assert results['num_images'] == 5 and results['split'] is None
+    with pytest.raises(ValueError, match='only flickr30k'):
+        run_eval(parser.parse_args(['--dataset', 'coco', '--split', 'test', *common]))
