@@ -113,7 +113,8 @@ def toy_rates(repeat: int = 20) -> None:
     images, pools = [raw_image(r) for r in raws], [sentence_pool(raw_record(r)) for r in raws]
     decode = per_image_ms(raw_image, raws, repeat)
     captions = per_image_ms(lambda p: tokenizer(sample_subcaptions(p, 8, 3, prng)), pools, repeat)
-    print(f'toy world, {len(raws)} samples of 64 px, pools of {np.mean([len(p) for p in pools]):.0f} sentences, one core:')
+    print(f'toy world, {len(raws)} samples of 64 px, '
+          f'pools of {np.mean([len(p) for p in pools]):.0f} sentences, one core:')
     for size in (64, 32):
         augment = per_image_ms(image_transform(size, is_train=True), images, repeat)
         pipeline = make_pipeline(size, tokenizer=SimpleTokenizer())
@@ -138,7 +139,8 @@ def csv_rate(tmp: Path, n_rows: int = 20_000) -> None:
     seconds = time.perf_counter() - start
     mb = path.stat().st_size / 1e6
     print(f'caption CSV: {n_rows:,} rows ({mb:.0f} MB, {1e3 * mb / n_rows:.1f} kB a row), {len(found):,} kept: '
-          f'{n_rows / seconds:,.0f} rows/s = {mb / seconds:.0f} MB/s -> the 6.34 GB hub CSV in about {6340 / (mb / seconds) / 60:.1f} min')
+          f'{n_rows / seconds:,.0f} rows/s = {mb / seconds:.0f} MB/s '
+          f'-> the 6.34 GB hub CSV in about {6340 / (mb / seconds) / 60:.1f} min')
 
 
 def main():

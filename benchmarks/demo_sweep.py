@@ -12,7 +12,7 @@ every 800 steps. Results are appended as JSON lines to `out/results.jsonl`, one 
 a summary table is printed at the end. The variants are dealt round-robin to `--processes`
 processes; a process starts no new variant after `--minutes`.
 
-`12_demo` §8 reports both sweeps, run on one H200 machine (16 CPU cores: 4 processes
+`13_demo` §8 reports both sweeps, run on one H200 machine (16 CPU cores: 4 processes
 of 1 + 3 loader workers each, about 5 minutes per sweep) with an earlier draft of this script:
 the same variants, training and evaluation. That draft also tried worlds with 3 shapes and 4
 colours together and with one colour; they leave no evaluation sentence that is true of exactly
@@ -21,35 +21,44 @@ variants carry the sigmoid bias the sweeps began with, −5; `bias-10` is today'
 `cell48` variants (48-pixel images, one 16-pixel patch per cell) came later and are not in those
 sweeps; 09 §9 reports CPU runs of them with the default bias.
 """
-import argparse, copy, json, os, sys, time
+import argparse, copy, json, time
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
 SETTINGS = [
-    ('base', {}), ('twins', {'train_twins': True}), ('lr3e-3', {'lr': 3e-3}), ('twins_lr3e-3', {'train_twins': True, 'lr': 3e-3}),
-    ('base_3200', {'steps': 3200}), ('twins_3200', {'train_twins': True, 'steps': 3200}), ('bias-10', {'init_logit_bias': -10.0}),
+    ('base', {}), ('twins', {'train_twins': True}), ('lr3e-3', {'lr': 3e-3}),
+    ('twins_lr3e-3', {'train_twins': True, 'lr': 3e-3}), ('base_3200', {'steps': 3200}),
+    ('twins_3200', {'train_twins': True, 'steps': 3200}), ('bias-10', {'init_logit_bias': -10.0}),
     ('merged1', {'max_merged': 1}), ('bs64_400', {'batch_size': 64, 'steps': 400}), ('lr3e-4', {'lr': 3e-4}),
-    ('width128', {'width': 128}), ('k4', {'num_captions': 4}), ('twins_lr3e-3_3200', {'train_twins': True, 'lr': 3e-3, 'steps': 3200}),
+    ('width128', {'width': 128}), ('k4', {'num_captions': 4}),
+    ('twins_lr3e-3_3200', {'train_twins': True, 'lr': 3e-3, 'steps': 3200}),
     ('vl6', {'vision_layers': 6}), ('seed1', {'seed': 1}), ('twins_seed1', {'train_twins': True, 'seed': 1}),
-    ('d64', {'embed_dim': 64}), ('bs128_200', {'batch_size': 128, 'steps': 200}), ('twins_bs64_800', {'train_twins': True, 'batch_size': 64}),
+    ('d64', {'embed_dim': 64}), ('bs128_200', {'batch_size': 128, 'steps': 200}),
+    ('twins_bs64_800', {'train_twins': True, 'batch_size': 64}),
     ('wd0', {'weight_decay': 0.0}), ('cell48', {'image_size': 48, 'patch_size': 16}),
     ('cell48_merged1', {'image_size': 48, 'patch_size': 16, 'max_merged': 1})]
-S3, C4, BG1 = {'shapes': ('circle', 'square', 'triangle')}, {'colours': ('red', 'green', 'blue', 'yellow')}, {'backgrounds': ('gray',), 'textures': ('plain',)}
+S3, C4, BG1 = ({'shapes': ('circle', 'square', 'triangle')}, {'colours': ('red', 'green', 'blue', 'yellow')},
+               {'backgrounds': ('gray',), 'textures': ('plain',)})
 WORLDS = [
-    ('s3', {'world': S3}), ('c4', {'world': C4}), ('bg1', {'world': BG1}), ('obj2-4', {'world': {'min_objects': 2, 'max_objects': 4}}),
-    ('cpi1', {'world': {'colours_per_image': (1, 1), 'shapes_per_image': (3, 3)}}), ('s4', {'world': {'shapes': ('circle', 'square', 'triangle', 'cross')}})]
-SWEEPS = {'settings': [(n, {'init_logit_bias': -5.0, **o}) for n, o in SETTINGS], 'worlds': [(n, {'init_logit_bias': -5.0, **o}) for n, o in WORLDS]}
+    ('s3', {'world': S3}), ('c4', {'world': C4}), ('bg1', {'world': BG1}),
+    ('obj2-4', {'world': {'min_objects': 2, 'max_objects': 4}}),
+    ('cpi1', {'world': {'colours_per_image': (1, 1), 'shapes_per_image': (3, 3)}}),
+    ('s4', {'world': {'shapes': ('circle', 'square', 'triangle', 'cross')}})]
+SWEEPS = {'settings': [(n, {'init_logit_bias': -5.0, **o}) for n, o in SETTINGS],
+          'worlds': [(n, {'init_logit_bias': -5.0, **o}) for n, o in WORLDS]}
 
 
 def light_evaluation(split, images, mode: str):
-    "The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model, scored `mode`."
+    """The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model,
+    scored `mode`."""
     from flair_min.demo import attribute_swap_accuracy, retrieval_results
     def evaluate(model):
         m = copy.deepcopy(model).float().cpu().eval()
         fine = retrieval_results(m, images, split, mode)['fine_grained']
         swaps = attribute_swap_accuracy(m, images, split, mode)
-        return {'fg_t2i_R1': fine['text_to_image_R@1'], 'fg_t2i_R5': fine['text_to_image_R@5'], **{f'swap_{k}': v for k, v in swaps.items()}}
+        return {'fg_t2i_R1': fine['text_to_image_R@1'], 'fg_t2i_R5': fine['text_to_image_R@5'],
+                **{f'swap_{k}': v for k, v in swaps.items()}}
     return evaluate
 
 
@@ -60,7 +69,8 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     from flair_min.toyworld import ToyWorldConfig, load_eval_split
     from flair_min.train import TrainConfig, train
     overrides = dict(overrides); world = overrides.pop('world', {})
-    E.training_world = lambda c: replace(ToyWorldConfig(image_size=c.image_size, seed=c.seed, binding_twins=c.train_twins), **world)
+    E.training_world = lambda c: replace(ToyWorldConfig(image_size=c.image_size, seed=c.seed,
+                                                        binding_twins=c.train_twins), **world)
     c = E.demo_config(out=str(Path(args.out) / name), progress=False, plots=False, workers=args.workers, **overrides)
     shards, split_path = E.prepare_toy_data(c, Path(args.out) / 'data' / name)
     split = load_eval_split(split_path); images = E.eval_images(split)
@@ -68,8 +78,9 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     for model_name, loss, mode in (('flair', 'flair', 'flair'), ('baseline', 'mps', 'global')):
         torch.manual_seed(c.seed); model, tic = FLAIR(E.demo_model_config(c)), time.perf_counter()
         every = 800 if c.steps > 800 else None
-        history = train(model, loader, TrainConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup=min(c.warmup, c.steps),
-                                                   loss=loss, seed=c.seed, progress=False, device=args.device, eval_every=every),
+        history = train(model, loader,
+                        TrainConfig(steps=c.steps, lr=c.lr, weight_decay=c.weight_decay, warmup=min(c.warmup, c.steps),
+                                    loss=loss, seed=c.seed, progress=False, device=args.device, eval_every=every),
                         evaluate=light_evaluation(split, images, mode) if every else None)
         result[f'{model_name}_train_s'] = time.perf_counter() - tic
         result[f'{model_name}_final_loss'] = float(np.mean(history['loss'][-20:]))
@@ -94,11 +105,13 @@ def worker(index: int, args, variants, deadline: float):
 def summary(rows) -> str:
     keys = [('fine_grained', 'text_to_image_R@1', 'fg T→I R@1'), ('fine_grained', 'text_to_image_R@5', 'fg T→I R@5'),
             ('long_caption', 'text_to_image_R@1', 'long T→I R@1'), ('localization', 'pointing_game', 'pointing')]
-    lines = [f"{'variant':18s}" + ''.join(f'{label:>16s}' for *_, label in keys) + '   swaps shape/colour/size/position (FLAIR | baseline)']
+    lines = [f"{'variant':18s}" + ''.join(f'{label:>16s}' for *_, label in keys)
+             + '   swaps shape/colour/size/position (FLAIR | baseline)']
     for r in rows:
         if 'error' in r: lines.append(f"{r['name']:18s} error: {r['error']}"); continue
         line = f"{r['name']:18s}" + ''.join(f"{r['flair'][s][k]:>8.3f}/{r['baseline'][s][k]:.3f}" for s, k, _ in keys)
-        swaps = ['/'.join(f"{r[m]['attributes'][a]:.2f}" for a in ('shape', 'colour', 'size', 'position')) for m in ('flair', 'baseline')]
+        swaps = ['/'.join(f"{r[m]['attributes'][a]:.2f}" for a in ('shape', 'colour', 'size', 'position'))
+                 for m in ('flair', 'baseline')]
         lines.append(line + '   ' + ' | '.join(swaps))
     return '\n'.join(lines)
 
@@ -111,7 +124,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2, help='torch threads per variant process (evaluation on the CPU)')
     p.add_argument('--out', default='runs/demo-sweep'); p.add_argument('--minutes', type=float, default=7.0)
     p.add_argument('--only', nargs='*', default=None, help='run only these variants')
-    p.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE', help='DemoConfig fields set in every variant, e.g. steps=100')
+    p.add_argument('--set', nargs='*', default=[], metavar='FIELD=VALUE',
+                   help='DemoConfig fields set in every variant, e.g. steps=100')
     args = p.parse_args(argv)
     common = {}
     for item in args.set:
@@ -123,7 +137,8 @@ def main(argv=None):
     if not variants: raise SystemExit(f"no variant selected; expected some of {[n for n, _ in SWEEPS[args.sweep]]}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     deadline, ctx = time.time() + 60 * args.minutes, get_context('spawn')
-    procs = [ctx.Process(target=worker, args=(i, args, variants, deadline)) for i in range(min(args.processes, len(variants)))]
+    procs = [ctx.Process(target=worker, args=(i, args, variants, deadline))
+             for i in range(min(args.processes, len(variants)))]
     for proc in procs: proc.start()
     for proc in procs: proc.join()
     rows = [json.loads(line) for f in sorted(Path(args.out).glob('results-*.jsonl')) for line in open(f)]

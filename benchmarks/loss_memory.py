@@ -4,8 +4,8 @@ Only the loss side is measured: FLAIR's text-conditioned pooling layer (`visual_
 synthetic projected embeddings (B images x 196 patch tokens, B*K texts), with the pooling over all
 B*(K+B-1) downsampled pairs plus the multi-positive term. No ViT towers. Every configuration runs in a fresh
 process; its time per step is the fastest of `--repeats` steps after a first one (wall clock and CPU
-time of the process), and its peak memory is the growth of the peak resident set (ru_maxrss) over the resident set just before
-the first step, with glibc's malloc told to return large blocks to the system at once.
+time of the process), and its peak memory is the growth of the peak resident set (ru_maxrss) over the resident set
+just before the first step, with glibc's malloc told to return large blocks to the system at once.
 
     python benchmarks/loss_memory.py                 # B=128, K=8, D=512, L=196: the paper's per-GPU batch
     python benchmarks/loss_memory.py --batch 32      # a quicker look
@@ -68,14 +68,16 @@ def main():
         print(json.dumps(measure(a.one, a.batch, a.captions, a.dim, a.tokens, a.repeats, a.threads))); return
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     print(f"FLAIR loss forward+backward, CPU fp32, {a.threads} threads: B={a.batch}, K={a.captions}, D={a.dim}, "
-          f"L={a.tokens}, {a.batch * (a.captions + a.batch - 1)} pooled pairs; pooling layer + synthetic embeddings only")
+          f"L={a.tokens}, {a.batch * (a.captions + a.batch - 1)} pooled pairs; "
+          "pooling layer + synthetic embeddings only")
     rows = []
     for name in CONFIGS:
         out = subprocess.run([sys.executable, __file__, '--one', name, *sys.argv[1:]], env=env, check=True,
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     base = rows[0]
-    print(f"{'configuration':40s} {'peak MiB':>9s} {'peak/base':>9s} {'s/step':>7s} {'/base':>6s} {'CPU s':>6s} {'/base':>6s}  loss")
+    print(f"{'configuration':40s} {'peak MiB':>9s} {'peak/base':>9s} {'s/step':>7s} "
+          f"{'/base':>6s} {'CPU s':>6s} {'/base':>6s}  loss")
     for r in rows:
         print(f"{r['name']:40s} {r['peak_bytes'] / 2**20:9.0f} {r['peak_bytes'] / base['peak_bytes']:9.2f} "
               f"{r['seconds']:7.2f} {r['seconds'] / base['seconds']:6.2f} {r['cpu_seconds']:6.2f} "

@@ -77,7 +77,8 @@ def main(argv=None):
     p.add_argument('--images', type=int, default=256); p.add_argument('--texts', type=int, default=5000)
     p.add_argument('--topk', type=int, default=128); p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--block', type=int, default=32, help='images per timed block (variants alternate block by block)')
-    p.add_argument('--chunk-size', type=int, default=DEFAULT_CHUNK_SIZE); p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--chunk-size', type=int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument('--threads', type=int, default=None)
     args = p.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     return_freed_memory_to_the_os()
@@ -93,12 +94,20 @@ def main(argv=None):
     part = lambda i, j: (global_emb[i:j], local[i:j])
     queries = prepare_texts(text_emb, pooling_weights(pool))   # once per evaluation, as retrieval_scores does
     variants = {  # name: (mode, fast, fn(i, j) scoring images i..j-1)
-        'flair, per-image loop': ('flair', False, lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'flair')),
-        'flair, chunked': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair', chunk_size=args.chunk_size)),
-        'flair, chunked (chunk×4)': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair', chunk_size=args.chunk_size * 4)),
-        'top-k, per-image loop': ('topk', False, lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'topk', k)),
-        'top-k, batched': ('topk', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size)),
-        'top-k, batched (chunk×4)': ('topk', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size * 4)),
+        'flair, per-image loop': ('flair', False,
+                                  lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'flair')),
+        'flair, chunked': ('flair', True, lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair',
+                                                                         chunk_size=args.chunk_size)),
+        'flair, chunked (chunk×4)': ('flair', True,
+                                     lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'flair',
+                                                                   chunk_size=args.chunk_size * 4)),
+        'top-k, per-image loop': ('topk', False,
+                                  lambda i, j: per_image_scores(text_emb, *part(i, j), pool, 1.0, 'topk', k)),
+        'top-k, batched': ('topk', True,
+                           lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k, args.chunk_size)),
+        'top-k, batched (chunk×4)': ('topk', True,
+                                     lambda i, j: score_embeddings(*part(i, j), queries, pool, 1.0, 'topk', k,
+                                                                   args.chunk_size * 4)),
     }
     outputs, memory = {}, {}
     for name, (*_, fn) in variants.items():                       # one untimed run each: warm-up, peak memory, outputs
@@ -112,7 +121,8 @@ def main(argv=None):
             rates.append(matmul_gflops(1024, 3))
             for name, (mode, fast, fn) in variants.items():
                 block_times[name][b].append(timed(lambda: fn(i, j))[0])
-                relative[name].append(flops(mode, fast, j - i, N, min(k, N)) / block_times[name][b][-1] / 1e9 / rates[-1])
+                relative[name].append(flops(mode, fast, j - i, N, min(k, N)) / block_times[name][b][-1] / 1e9
+                                      / rates[-1])
     times = {name: sum(min(t) for t in per_block) for name, per_block in block_times.items()}
     median = lambda xs: sorted(xs)[len(xs) // 2]
     rate = max(rates)
@@ -130,15 +140,17 @@ def main(argv=None):
         speed[name] = pairs / best
         gflops = flops(mode, fast, M, N, min(k, N)) / best / 1e9
         base = speed['flair, per-image loop' if mode == 'flair' else 'top-k, per-image loop']
-        work_ratio = flops(mode, False, M, N, min(k, N)) / flops(mode, fast, M, N, min(k, N))  # the speed-up at equal efficiency
+        # the speed-up at equal efficiency
+        work_ratio = flops(mode, False, M, N, min(k, N)) / flops(mode, fast, M, N, min(k, N))
         print(f"{name:26s}{pairs:11,d}{best:9.2f}{speed[name]:11,.0f}{gflops:9.1f}{100 * gflops / rate:7.0f}%"
               f"{100 * median(relative[name]):7.0f}%{memory[name]:10.0f}{speed[name] / base:9.2f}×{work_ratio:11.2f}×")
     unchunked = M * N * D * 4 / 2 ** 20
-    print("% best: GFLOP/s over the best matmul rate of the run; % same: median over blocks of the block's GFLOP/s over "
-          "the matmul rate measured just before it")
+    print("% best: GFLOP/s over the best matmul rate of the run; "
+          "% same: median over blocks of the block's GFLOP/s over the matmul rate measured just before it")
     keys_values = flops('flair', True, 1, 0, 0)
     print(f"\nFLOP per pair: chunked {flops('flair', True, 1, 1, 0) - keys_values:,.0f}, per-image loop "
-          f"{flops('flair', False, 1, 1, 0) - keys_values:,.0f}; per image (key and value projections) {keys_values:,.0f}")
+          f"{flops('flair', False, 1, 1, 0) - keys_values:,.0f}; "
+          f"per image (key and value projections) {keys_values:,.0f}")
     print(f"pooled vectors of all {M} × {N:,} pairs at once would take {unchunked:,.0f} MiB")
     print(f"top-k batched vs the FLAIR-mode per-image loop, time per image: "
           f"{times['flair, per-image loop'] / times['top-k, batched']:.1f}× faster")

@@ -23,7 +23,8 @@ __all__ = ['FLAIR', 'FlairConfig', 'create_model', 'create_model_and_transforms'
 # Where the names of flair_min 0.1 went when the modules were re-cut into teaching order. An old
 # module name fails with an error naming its new place; an old `module.name` that moved to another
 # module fails the same way (`from flair_min.model import load_state_dict_strict` included).
-_MODULES = ('flair_min.checkpoint', 'flair_min.losses', 'flair_min.model', 'flair_min.cli', 'flair_min.cc3m')
+_MODULES = ('flair_min.checkpoint', 'flair_min.losses', 'flair_min.model', 'flair_min.cli', 'flair_min.cc3m',
+            'flair_min.localization')
 MOVED_MODULES = {'flair_min.experiment': 'flair_min.demo', 'flair_min.colab': 'flair_min.small_scale',
                  'flair_min.benchmarks': 'flair_min.eval_sets'}
 MOVED_NAMES = {
@@ -37,8 +38,9 @@ MOVED_NAMES = {
     'flair_min.data': {n: 'flair_min.cc3m' for n in ('cc3m_wds_urls', 'download', 'shard_image_urls', 'read_dreamlip_captions',
                        'recap_record', 'write_recap_shard', 'prepare_cc3m_recap', 'CC3M_WDS_REPO', 'CC3M_WDS_SHARDS',
                        'CC3M_WDS_SAMPLES', 'DREAMLIP_CC3M_CSV', 'DREAMLIP_URL_COLUMN', 'HUB_SOURCES')},
-    'flair_min.toyworld': {n: "tests/fixtures.py (test fixtures are not part of the library)"
-                           for n in ('bad_shard_members', 'write_fixtures', 'BAD_KINDS', 'BAD_SHARD_KINDS')},
+    'flair_min.toyworld': {**{n: "tests/fixtures.py (test fixtures are not part of the library)"
+                              for n in ('bad_shard_members', 'write_fixtures', 'BAD_KINDS', 'BAD_SHARD_KINDS')},
+                           'pointing_game': 'flair_min.localization'},
 }
 
 def _moved_error(module: str, name: str, new: str) -> ImportError:

@@ -35,7 +35,8 @@ def downsample_caption_indices(negative_offsets: torch.Tensor, num_captions: int
     "(B, K+B-1) sorted caption indices scored with each image: its own K plus one of every other image."
     B, K = negative_offsets.shape[0], num_captions
     if negative_offsets.shape != (B, B - 1):
-        raise ValueError(f"negative_offsets must have shape (B, B-1) = ({B}, {B - 1}), got {tuple(negative_offsets.shape)}")
+        raise ValueError(f"negative_offsets must have shape (B, B-1) = ({B}, {B - 1}), "
+                         f"got {tuple(negative_offsets.shape)}")
     if negative_offsets.numel() and not (0 <= negative_offsets.min() and negative_offsets.max() < K):
         raise ValueError(f"negative_offsets must lie in [0, num_captions) = [0, {K}), got values in "
                          f"[{int(negative_offsets.min())}, {int(negative_offsets.max())}]")
@@ -65,7 +66,8 @@ def text_conditioned_sigmoid_loss(pooled, texts, labels, logit_scale, logit_bias
 # %% ../nbs/04_losses.ipynb #87219aa6
 def multi_positive_sigmoid_loss(image_features, text_features, labels, logit_scale, logit_bias, denominator=None):
     "Multi-positive sigmoid loss of global images (B, D) against texts (N, D): -sum log σ(y·z) / N."
-    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T + logit_bias  # (B, N)
+    # (B, N)
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T + logit_bias
     denominator = text_features.shape[0] if denominator is None else denominator
     return -F.logsigmoid(labels.to(logits.dtype) * logits).sum() / denominator
 
@@ -77,14 +79,16 @@ def _tcs_sum(visual_proj, text_features, image_tokens, caption_indices, labels, 
 
 def downsampled_tcs_loss(visual_proj, text_features, image_tokens, caption_indices, labels, logit_scale, logit_bias,
                          chunk_size: int | None = None):
-    "Text-conditioned sigmoid loss of images (B, L, D) with their texts `caption_indices` (B, M); optional recomputed chunks."
+    "Text-conditioned sigmoid loss of images (B, L, D) with texts `caption_indices` (B, M); optional recomputed chunks."
     B = image_tokens.shape[0]
     if chunk_size is None or chunk_size >= B:
         total = _tcs_sum(visual_proj, text_features, image_tokens, caption_indices, labels, logit_scale, logit_bias)
     elif chunk_size < 1: raise ValueError(f"chunk_size must be a positive number of images (or None), got {chunk_size}")
     else:
-        chunks = zip(image_tokens.split(chunk_size), caption_indices.split(chunk_size), labels.split(chunk_size))  # (c, L, D), (c, M), (c, M)
-        total = sum(checkpoint(_tcs_sum, visual_proj, text_features, tokens, idx, y, logit_scale, logit_bias, use_reentrant=False)
+        # (c, L, D), (c, M), (c, M)
+        chunks = zip(image_tokens.split(chunk_size), caption_indices.split(chunk_size), labels.split(chunk_size))
+        total = sum(checkpoint(_tcs_sum, visual_proj, text_features, tokens, idx, y, logit_scale, logit_bias,
+                               use_reentrant=False)
                     for tokens, idx, y in chunks)
     return total / caption_indices.shape[1]
 
@@ -126,7 +130,8 @@ def distributed_texts(text_features: torch.Tensor, distributed: bool | None = No
 
 # %% ../nbs/04_losses.ipynb #c2361f2d
 def flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_bias, visual_proj, negative_offsets,
-                       num_captions: int, add_mps: bool = True, chunk_size: int | None = None, rank: int = 0, world: int = 1):
+                       num_captions: int, add_mps: bool = True, chunk_size: int | None = None, rank: int = 0,
+                       world: int = 1):
     "Loss of this rank's B images against the global batch's texts (W·B·K, D), times `world` (section 7)."
     B, K = image_tokens.shape[0], num_captions
     if negative_offsets.shape[0] != B * world:
@@ -138,33 +143,37 @@ def flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_b
                                 logit_scale, logit_bias, chunk_size)
     if add_mps:
         all_captions = torch.arange(texts.shape[0], device=texts.device)[None]  # (1, B·W·K)
-        mps = multi_positive_sigmoid_loss(image_features, texts, pair_labels(all_captions, K, images), logit_scale, logit_bias)
+        mps = multi_positive_sigmoid_loss(image_features, texts, pair_labels(all_captions, K, images),
+                                          logit_scale, logit_bias)
         loss = (loss + mps) / 2
     return loss * world
 
 DISTRIBUTED_LOSSES = ('ring', 'gather')
 
 class FlairLoss(nn.Module):
-    "FLAIR's loss, (tcs + mps) / 2 or tcs alone, from the model's forward dict; the official ring under torch.distributed."
+    "FLAIR's loss, (tcs + mps) / 2 or tcs alone, from the model's forward dict; official ring under torch.distributed."
     def __init__(self, num_captions: int, add_mps: bool = True, chunk_size: int | None = None,
                  distributed: str | bool | None = None):
         super().__init__()
         if distributed not in (None, True, False, *DISTRIBUTED_LOSSES):
             raise ValueError(f"distributed={distributed!r}: expected one of {DISTRIBUTED_LOSSES}, True, False or None")
-        self.num_captions, self.add_mps, self.chunk_size, self.distributed = num_captions, add_mps, chunk_size, distributed
+        self.num_captions, self.add_mps = num_captions, add_mps
+        self.chunk_size, self.distributed = chunk_size, distributed
 
     def forward(self, image_features, image_tokens, text_features, logit_scale, logit_bias, visual_proj,
                 negative_offsets=None, generator=None, output_dict: bool = False):
         _check_batch(image_features, image_tokens, text_features, self.num_captions)
         if self.mode() == 'ring':
-            offsets = self._own_negative_offsets(negative_offsets, image_tokens.shape[0], generator, text_features.device)
-            loss = ring_flair_loss_of_rank(image_features, image_tokens, text_features, offsets, logit_scale, logit_bias,
-                                           visual_proj, self.num_captions, self.add_mps, self.chunk_size)
+            offsets = self._own_negative_offsets(negative_offsets, image_tokens.shape[0], generator,
+                                                 text_features.device)
+            loss = ring_flair_loss_of_rank(image_features, image_tokens, text_features, offsets, logit_scale,
+                                           logit_bias, visual_proj, self.num_captions, self.add_mps, self.chunk_size)
         else:
             texts, rank, world = distributed_texts(text_features, self.mode() == 'gather')
-            offsets = self._negative_offsets(negative_offsets, image_tokens.shape[0] * world, generator, world, texts.device)
-            loss = flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_bias, visual_proj, offsets,
-                                      self.num_captions, self.add_mps, self.chunk_size, rank, world)
+            offsets = self._negative_offsets(negative_offsets, image_tokens.shape[0] * world, generator, world,
+                                             texts.device)
+            loss = flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_bias, visual_proj,
+                                      offsets, self.num_captions, self.add_mps, self.chunk_size, rank, world)
         return {'contrastive_loss': loss} if output_dict else loss
 
     def mode(self) -> str:
@@ -191,8 +200,9 @@ def _check_batch(image_features, image_tokens, text_features, num_captions):
         raise ValueError(f"expected image_features (B, D) and image_tokens (B, L, D), got "
                          f"{tuple(image_features.shape)} and {tuple(image_tokens.shape)}")
     if text_features.shape != (B * num_captions, image_tokens.shape[-1]):
-        raise ValueError(f"text_features must hold num_captions={num_captions} texts per image, image by image: expected "
-                         f"(B*num_captions, D) = ({B * num_captions}, {image_tokens.shape[-1]}), got {tuple(text_features.shape)}")
+        raise ValueError(f"text_features must hold num_captions={num_captions} texts per image, image by image: "
+                         f"expected (B*num_captions, D) = ({B * num_captions}, {image_tokens.shape[-1]}), "
+                         f"got {tuple(text_features.shape)}")
 
 # %% ../nbs/04_losses.ipynb #a77db357
 def flair_loss(model, images, texts, num_captions: int, add_mps: bool = True, negative_offsets=None,
@@ -303,9 +313,10 @@ class MultiPositiveLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias, generator=None, **kwargs):
         B, K = image_features.shape[0], self.num_captions
         if text_features.shape[0] != B * K:
-            raise ValueError(f"text_features must hold num_captions={K} texts per image: expected {B * K} rows, got {text_features.shape[0]}")
+            raise ValueError(f"text_features must hold num_captions={K} texts per image: expected {B * K} rows, "
+                             f"got {text_features.shape[0]}")
         texts, rank, world = distributed_texts(text_features, self.distributed)
-        images = torch.arange(B, device=texts.device) + rank * B                       # global indices of this rank's images
+        images = torch.arange(B, device=texts.device) + rank * B  # global indices of this rank's images
         labels = pair_labels(torch.arange(texts.shape[0], device=texts.device)[None], K, images)  # (B, W·B·K)
         return multi_positive_sigmoid_loss(image_features, texts, labels, logit_scale, logit_bias) * world
 

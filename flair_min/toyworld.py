@@ -8,7 +8,7 @@ __all__ = ['SHAPE_NAMES', 'PALETTE', 'BACKGROUNDS', 'TEXTURES', 'SIZES', 'POSITI
            'square_mask', 'diamond_mask', 'triangle_mask', 'cross_mask', 'star_mask', 'ToyObject', 'ToyLayout',
            'scene_rng', 'sample_layout', 'swap_bindings', 'scene_layout', 'background_image', 'object_rgb',
            'object_geometry', 'render_layout', 'describe', 'sentence_masks', 'join_sentences', 'ToyScene', 'make_scene',
-           'patch_coverage', 'pointing_game', 'stored_image', 'encode_image', 'sentence_attributes', 'positives_matrix',
+           'patch_coverage', 'stored_image', 'encode_image', 'sentence_attributes', 'positives_matrix',
            'make_eval_split', 'save_eval_split', 'load_eval_split', 'eval_config', 'sample_key', 'sample_record',
            'tar_add', 'write_tar', 'sample_members', 'write_shard', 'write_shards']
 
@@ -266,13 +266,6 @@ def patch_coverage(masks: np.ndarray, patch_size: int) -> np.ndarray:
                          "expected a divisor of both")
     grid = masks.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)  # (..., gh, p, gw, p)
     return grid.mean((-3, -1))
-
-def pointing_game(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    "Per sentence: does the highest-scoring patch of `maps` (S, gh, gw) touch the sentence's mask (S, H, W)?"
-    s, gh, gw = maps.shape
-    coverage = patch_coverage(masks, masks.shape[-1] // gw).reshape(s, gh * gw)  # (S, gh*gw)
-    best = maps.reshape(s, gh * gw).argmax(1)  # (S,)
-    return coverage[np.arange(s), best] > 0
 
 # %% ../nbs/07_toyworld.ipynb #619cf76f
 def stored_image(image: np.ndarray, config: ToyWorldConfig) -> np.ndarray:

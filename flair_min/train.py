@@ -40,7 +40,7 @@ class TrainConfig:
     eps: float = 1e-8                   # AdamW eps (1e-6 for Merged-30M)
     weight_decay: float = 0.5           # on weight matrices only (0.2 for Merged-30M)
     warmup: int = 2000                  # linear warm-up steps, then cosine decay to 0
-    loss: str | Callable = 'flair'      # 'flair' (tcs+mps)/2, 'tcs', 'mps' (global baseline) or a callable on the forward dict
+    loss: str | Callable = 'flair'      # 'flair' (tcs+mps)/2, 'tcs', 'mps' (global baseline) or a forward-dict callable
     loss_chunk_size: int | None = None  # score the text-conditioned pairs in recomputed chunks of this many images
     distributed_loss: str = 'ring'      # several processes: 'ring' (the official objective) or 'gather' (04_losses §7)
     accum_steps: int = 1                # loader batches per optimizer step (exact: see section 5)
@@ -130,8 +130,8 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == 'amp')
 
 # %% ../nbs/08_train.ipynb #bdb6d0a5
-FEATURE_KEYS = ('image_features', 'image_tokens', 'text_features')  # per-sample outputs, concatenated over micro-batches
-LOSS_PARAMETERS = ('visual_proj.', 'logit_scale', 'logit_bias')     # used by the loss directly, not through the features
+FEATURE_KEYS = ('image_features', 'image_tokens', 'text_features')  # per-sample outputs concatenated over micro-batches
+LOSS_PARAMETERS = ('visual_proj.', 'logit_scale', 'logit_bias')     # used by the loss directly, not via the features
 
 def derive_seed(*values: int) -> int:
     "A well-mixed 63-bit seed that is a pure function of some non-negative integers (NumPy's SeedSequence)."
@@ -158,19 +158,21 @@ def with_micro_batch(out: dict, cached: list[dict], j: int) -> dict:
     return {**out, **{k: torch.cat([out[k] if i == j else c[k] for i, c in enumerate(cached)]) for k in FEATURE_KEYS}}
 
 # %% ../nbs/08_train.ipynb #e205a5b6
-def accumulate_gradients(model, loss_fn, micro_batches, generator_seed: tuple[int, int], scaler, amp=contextlib.nullcontext,
-                         no_sync=None) -> torch.Tensor:
+def accumulate_gradients(model, loss_fn, micro_batches, generator_seed: tuple[int, int], scaler,
+                         amp=contextlib.nullcontext, no_sync=None) -> torch.Tensor:
     "Back-propagate the loss of the whole batch (the concatenated micro-batches) micro-batch by micro-batch; return it."
     if len(micro_batches) == 1:
         with amp(): loss = loss_fn(**forward_batch(model, *micro_batches[0]), generator=step_generator(*generator_seed))
         scaler.scale(loss).backward()
         return loss.detach()
-    with torch.no_grad(), amp(): cached = [{k: forward_batch(model, *mb)[k] for k in FEATURE_KEYS} for mb in micro_batches]
+    with torch.no_grad(), amp():
+        cached = [{k: forward_batch(model, *mb)[k] for k in FEATURE_KEYS} for mb in micro_batches]
     for j, mb in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         with (contextlib.nullcontext() if last or no_sync is None else no_sync()):
             with amp():
-                loss = loss_fn(**with_micro_batch(forward_batch(model, *mb), cached, j), generator=step_generator(*generator_seed))
+                loss = loss_fn(**with_micro_batch(forward_batch(model, *mb), cached, j),
+                               generator=step_generator(*generator_seed))
             scaler.scale(loss).backward()
         if j == 0: first = loss.detach()
     return first
@@ -201,18 +203,22 @@ def seed_all(seed: int) -> None:
 def start_epoch(loader, epoch: int, seed: int, rank: int = 0) -> None:
     "Reseed every generator from (seed, epoch, rank) and tell the loader (and its sampler, dataset) the epoch."
     seed_all(derive_seed(seed, epoch, rank, 1))
-    if isinstance(getattr(loader, 'generator', None), torch.Generator): loader.generator.manual_seed(derive_seed(seed, epoch, rank, 2))
-    for obj in (loader, getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None), getattr(loader, 'dataset', None)):
+    if isinstance(getattr(loader, 'generator', None), torch.Generator):
+        loader.generator.manual_seed(derive_seed(seed, epoch, rank, 2))
+    for obj in (loader, getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None),
+                getattr(loader, 'dataset', None)):
         if callable(getattr(obj, 'set_epoch', None)): obj.set_epoch(epoch)
 
 def data_stream(loader, epoch: int = 0, skip: int = 0, seed: int = 0, rank: int = 0):
-    "Endless (epoch, index, batch) triples; epoch `epoch` starts at batch `skip` (the earlier ones are drawn and dropped)."
+    "Endless (epoch, index, batch) triples; epoch `epoch` starts at batch `skip` (earlier ones are drawn and dropped)."
     while True:
         start_epoch(loader, epoch, seed, rank)
         index = -1
         for index, batch in enumerate(loader):
             if index >= skip: yield epoch, index, batch
-        if index < 0: raise ValueError("the loader yielded no batch: check the data source and that batch_size <= the dataset size")
+        if index < 0:
+            raise ValueError("the loader yielded no batch: check the data source and that batch_size "
+                             "<= the dataset size")
         epoch, skip = epoch + 1, 0
 
 # %% ../nbs/08_train.ipynb #9252acd9
@@ -223,10 +229,11 @@ def distributed_info() -> tuple[int, int]:
 def resolve_device(device=None) -> torch.device:
     "The device to train on: `device` if given, else cuda:LOCAL_RANK when a GPU is visible, else the CPU."
     if device is not None: return torch.device(device)
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device('cpu')
+    return (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available()
+            else torch.device('cpu'))
 
 def count_skipped(loader) -> int:
-    "Samples the data pipeline skipped so far: `loader.skipped` or `loader.dataset.skipped` (number, {kind: n}, or a method)."
+    "Samples the pipeline skipped so far: `loader.skipped` or `loader.dataset.skipped` (number, {kind: n} or a method)."
     for obj in (loader, getattr(loader, 'dataset', None)):
         skipped = getattr(obj, 'skipped', None)
         if skipped is None: continue
@@ -238,8 +245,9 @@ def check_tokens(texts: torch.Tensor, model: nn.Module) -> None:
     "Raise a clear error when token ids do not fit the model's vocabulary (a tokenizer/config mismatch)."
     vocab = getattr(model, 'vocab_size', None)
     if vocab is not None and texts.numel() and int(texts.max()) >= vocab:
-        raise ValueError(f"token id {int(texts.max())} >= the model's vocab_size={vocab}: the tokenizer and the model config disagree "
-                         f"(the 'tiny' preset has a 1,000-token vocabulary; CLIP-tokenized data needs vocab_size=49408)")
+        raise ValueError(f"token id {int(texts.max())} >= the model's vocab_size={vocab}: the tokenizer and the model "
+                         f"config disagree (the 'tiny' preset has a 1,000-token vocabulary; "
+                         f"CLIP-tokenized data needs vocab_size=49408)")
 
 def new_history() -> dict:
     "Per-step lists, and 'eval': one {'step', **metrics} dict per evaluation."
@@ -281,7 +289,8 @@ def global_mean(x: torch.Tensor) -> float:
 @patch
 def train_step(self: Trainer, micro_batches: list) -> float:
     "One optimizer step on `accum_steps` micro-batches (exact accumulation); returns the loss of the whole batch."
-    c, batches = self.config, [tuple(t.to(self.device, non_blocking=True) for t in split_batch(b)) for b in micro_batches]
+    c = self.config
+    batches = [tuple(t.to(self.device, non_blocking=True) for t in split_batch(b)) for b in micro_batches]
     for _, texts in batches: check_tokens(texts, self.model)
     loss_fn = make_loss(c.loss, batches[0][1].shape[1], c.loss_chunk_size, c.distributed_loss)
     no_sync = getattr(self.net, 'no_sync', None)
@@ -296,7 +305,7 @@ def train_step(self: Trainer, micro_batches: list) -> float:
 
 # %% ../nbs/08_train.ipynb #261173da
 def _plain(value):
-    "A value `torch.load(weights_only=True)` accepts: numbers, strings, None, tuples/lists kept; anything else as its repr."
+    "A value `torch.load(weights_only=True)` accepts: numbers, strings, None, tuples/lists kept; others as their repr."
     if value is None or isinstance(value, (bool, int, float, str)): return value
     if isinstance(value, (tuple, list)): return type(value)(_plain(v) for v in value)
     return getattr(value, '__name__', repr(value))
@@ -307,8 +316,8 @@ def state_dict(self: Trainer, extra: dict | None = None) -> dict:
     config = getattr(self.model, 'config', None)
     return {'name': 'flair_min', 'epoch': self.epoch, 'step': self.step, 'batch': self.batch, 'world_size': self.world,
             'state_dict': {'module.' + k: v for k, v in self.model.state_dict().items()},
-            'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
-            'config': asdict(config) if config is not None else None,
+            'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(), 'config': asdict(config) if config is not None else None,
             'train_config': {f.name: _plain(getattr(self.config, f.name)) for f in fields(self.config)},
             'history': self.history, **(extra or {})}
 
@@ -332,7 +341,8 @@ def save(self: Trainer, extra: dict | None = None) -> Path | None:
     if self.checkpoint_dir is None or self.rank != 0: return None
     latest = self.checkpoint_dir / 'latest.pt'
     if not self.config.keep_checkpoints: return save_checkpoint(self.state_dict(extra), latest)
-    return link_checkpoint(save_checkpoint(self.state_dict(extra), self.checkpoint_dir / f'step_{self.step:08d}.pt'), latest)
+    return link_checkpoint(save_checkpoint(self.state_dict(extra), self.checkpoint_dir / f'step_{self.step:08d}.pt'),
+                           latest)
 
 @patch
 def resume(self: Trainer, checkpoint) -> bool:
@@ -385,8 +395,9 @@ def _record(self: Trainer, loss: float, lr: float, samples: int, seconds: float,
     return record
 
 @patch
-def fit(self: Trainer, loader, until: int | None = None, extra: dict | None = None, evaluate: Callable | None = None) -> dict:
-    "Train on `loader` (batches of (images, texts)) up to step `until` or config.steps; `evaluate(model) -> dict`; the history."
+def fit(self: Trainer, loader, until: int | None = None, extra: dict | None = None,
+        evaluate: Callable | None = None) -> dict:
+    "Train on `loader`'s (images, texts) batches to step `until` or config.steps; `evaluate(model) -> dict`; history."
     c = self.config
     if c.resume: self.resume(c.resume)
     stop = min(c.steps, until or c.steps)
@@ -400,7 +411,8 @@ def fit(self: Trainer, loader, until: int | None = None, extra: dict | None = No
             loss = self.train_step(micro_batches)
             samples = sum(len(split_batch(b)[0]) for b in micro_batches) * self.world
             log.update(self._record(loss, lr, samples, time.perf_counter() - start, loader))
-            if evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < stop: self._evaluate(evaluate, log)
+            if evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
+                self._evaluate(evaluate, log)
             if c.save_every and self.step % c.save_every == 0 and self.step < stop: self.save(extra)
         if evaluate: self._evaluate(evaluate, log)
     finally: log.close()
@@ -424,9 +436,9 @@ def _evaluate(self: Trainer, evaluate: Callable, log: ProgressLog) -> None:
     log.bar.write(f"step {self.step}: " + ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k != 'step'))
 
 # %% ../nbs/08_train.ipynb #ba4273b2
-def train(model: FLAIR, loader, config: TrainConfig | None = None, until: int | None = None, evaluate: Callable | None = None,
-          **overrides) -> dict:
-    "Train `model` on `loader` with `config` (keyword overrides allowed, e.g. steps=100); return the history (dict of lists)."
+def train(model: FLAIR, loader, config: TrainConfig | None = None, until: int | None = None,
+          evaluate: Callable | None = None, **overrides) -> dict:
+    "Train `model` on `loader` with `config` (keyword overrides, e.g. steps=100); return the history (dict of lists)."
     config = replace(config or TrainConfig(), **overrides)
     return Trainer(model, config).fit(loader, until=until, evaluate=evaluate)
 
@@ -442,7 +454,7 @@ def plot_history(history: dict, ax=None, smooth: int = 1, label: str | None = No
 
 # %% ../nbs/08_train.ipynb #270b3da5
 def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    "Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
+    "Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
     world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()

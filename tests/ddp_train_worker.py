@@ -25,13 +25,15 @@ RING = dict(loss='flair')   # the default objective under DDP: the official ring
 def global_batches(steps: int = 3, batch_size: int = 4, num_captions: int = 2, seed: int = 0):
     "The same `steps` global batches (images (B, 3, 32, 32), texts (B, K, 16)) in every process."
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch_size, 3, 32, 32, generator=g), torch.randint(1, 1000, (batch_size, num_captions, 16), generator=g))
+    return [(torch.randn(batch_size, 3, 32, 32, generator=g),
+             torch.randint(1, 1000, (batch_size, num_captions, 16), generator=g))
             for _ in range(steps)]
 
 
 def micro_batches(batches, parts: int):
     "Each batch cut into `parts` consecutive micro-batches (the loader's batches when accumulating)."
-    return [(images[i * len(images) // parts:(i + 1) * len(images) // parts], texts[i * len(texts) // parts:(i + 1) * len(texts) // parts])
+    return [(images[i * len(images) // parts:(i + 1) * len(images) // parts],
+             texts[i * len(texts) // parts:(i + 1) * len(texts) // parts])
             for images, texts in batches for i in range(parts)]
 
 
@@ -67,7 +69,8 @@ def main(out: str):
 
 def spawned(rank: int, world: int, port: int, out: str):
     "Entry of a forked process: the environment variables torchrun would set, then `main`."
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
     main(out)
 
 

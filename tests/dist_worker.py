@@ -2,10 +2,10 @@
 
 Usage: python dist_worker.py RANK WORLD_SIZE PORT INPUTS.pt OUTPUT.pt
 Joins a gloo process group on 127.0.0.1:PORT, wraps the tiny FLAIR in DistributedDataParallel, computes
-FlairLoss (the all-gather variant) on its slice of the global batch for each case in INPUTS['cases'], and saves the loss and the
-(DDP-averaged) gradients of every case to OUTPUT.pt.
+FlairLoss (the all-gather variant) on its slice of the global batch for each case in INPUTS['cases'], and saves the
+loss and the (DDP-averaged) gradients of every case to OUTPUT.pt.
 """
-import datetime, os, sys, time
+import datetime, sys, time
 from pathlib import Path
 
 import torch
@@ -18,9 +18,11 @@ from flair_min.losses import FlairLoss
 
 def run_case(model, images, texts, case):
     model.zero_grad(set_to_none=True)
-    generator = torch.Generator().manual_seed(case['seed'] + dist.get_rank())  # differs per rank: rank 0's draw must win
-    loss = FlairLoss(case['num_captions'], add_mps=case['add_mps'], chunk_size=case['chunk_size'], distributed='gather')(
-        **model(images, texts), negative_offsets=case['negative_offsets'], generator=generator)
+    # differs per rank: rank 0's draw must win
+    generator = torch.Generator().manual_seed(case['seed'] + dist.get_rank())
+    loss = FlairLoss(case['num_captions'], add_mps=case['add_mps'], chunk_size=case['chunk_size'],
+                     distributed='gather')(**model(images, texts), negative_offsets=case['negative_offsets'],
+                                           generator=generator)
     loss.backward()
     return {'loss': loss.detach(), 'grads': {n: p.grad.clone() for n, p in model.module.named_parameters()}}
 

@@ -19,8 +19,9 @@ BAD_KINDS = {  # kind -> how a good (image bytes, json bytes) sample is spoiled;
     'empty-caption': lambda img, rec: (img, b'{"caption": " . .  ."}'),
     'missing-image': lambda img, rec: (None, rec),
 }
+# in shard order; key = f'{position:03d}-{kind}'
 BAD_SHARD_KINDS = ('good', 'corrupt-image', 'good', 'invalid-json', 'good', 'missing-caption',
-                   'good', 'empty-caption', 'good', 'missing-image', 'good')  # in shard order; key = f'{position:03d}-{kind}'
+                   'good', 'empty-caption', 'good', 'missing-image', 'good')
 
 def bad_shard_members(config: ToyWorldConfig = ToyWorldConfig(), first_index: int = 1000):
     "Members of the bad-samples shard: good samples (scenes first_index, ...) with one of each bad kind between them."

@@ -31,7 +31,8 @@ def test_split_caption_parity(text_vectors):
 
 @pytest.mark.parametrize('text, expected', [
     ('a. b', ['a', 'b']), ('3.5 m', ['3', '5 m']), ('x...y', ['x', 'y']), ('a</s>b\nc', ['a', 'b', 'c']),
-    ('  pad  .  ', ['pad']), ('\n\n', []), ('</s/>', ['</s/>']), ('a\r\nb', ['a', 'b']), ('tab\tinside', ['tab\tinside'])])
+    ('  pad  .  ', ['pad']), ('\n\n', []), ('</s/>', ['</s/>']), ('a\r\nb', ['a', 'b']),
+    ('tab\tinside', ['tab\tinside'])])
 def test_split_caption_cases(text, expected):
     assert split_caption(text) == expected
 
@@ -50,7 +51,8 @@ def test_pool_dreamlip_order_and_missing_fields():
 
 
 def test_pool_strings_lists_and_pixelprose():
-    assert caption_pool({'longSV_captions': 'One. Two\nThree', 'raw_caption': ('alt',)}) == ['alt', 'One', 'Two', 'Three']
+    assert (caption_pool({'longSV_captions': 'One. Two\nThree', 'raw_caption': ('alt',)})
+            == ['alt', 'One', 'Two', 'Three'])
     assert caption_pool({'raw_caption': [' kept as is ', '']}) == [' kept as is ', '']   # lists are not cleaned
     assert caption_pool({'caption': 'A cat. 2.5 cats</s>Sleeps', 'url': 'x'}) == ['A cat', '2', '5 cats', 'Sleeps']
     assert caption_pool({'raw_caption': ['dreamlip wins'], 'caption': 'ignored'}) == ['dreamlip wins']

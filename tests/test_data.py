@@ -3,7 +3,6 @@ skipped and counted by kind (in the main process and across DataLoader workers),
 cover the data exactly once, epochs reshuffle, resampling gives exact epoch lengths, and the hub
 path works offline on files in the hub's layouts."""
 import csv, io, json, logging, random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from conftest import ROOT
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
 from flair_min.data import (SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, load_table, make_pipeline,
                             make_train_loader, source_kind, tar_samples, write_shard)
-from flair_min.cc3m import cc3m_recap_loader, prepare_cc3m_recap
+from flair_min.cc3m import cc3m_recap_loader
 from flair_min.model import image_transform
 from flair_min.tokenizer import get_tokenizer
 
@@ -30,8 +29,9 @@ def photo(seed=0, size=(40, 30), fmt='JPEG') -> bytes:
 
 def record(i) -> dict:
     return {'raw_caption': [f'photo {i}'], 'shortIB_captions': [f'a red square {i}'],
-            'longIB_captions': [f'In the image a square number {i}', 'It sits on a table'], 'shortSV_captions': ['short'],
-            'longSV_captions': ['long one', 'long two'], 'shortLLA_captions': ['lla'], 'longLLA_captions': ['lla long']}
+            'longIB_captions': [f'In the image a square number {i}', 'It sits on a table'],
+            'shortSV_captions': ['short'], 'longSV_captions': ['long one', 'long two'], 'shortLLA_captions': ['lla'],
+            'longLLA_captions': ['lla long']}
 
 
 def good(start, n, ext='jpg'):
@@ -78,7 +78,8 @@ def test_bad_samples_skipped_and_counted(shards, num_workers):
 
 
 def test_first_skips_logged_with_key_and_reason(shards, caplog):
-    stream = ShardStream(str(shards['dir'] / 'part-3.tar'), make_pipeline(**{k: SMALL[k] for k in ('image_size', 'context_length')}),
+    stream = ShardStream(str(shards['dir'] / 'part-3.tar'),
+                         make_pipeline(**{k: SMALL[k] for k in ('image_size', 'context_length')}),
                          seed=0, shuffle=False, log_first=3)
     with caplog.at_level(logging.WARNING, logger='flair_min.data'): list(stream)
     messages = [r.getMessage() for r in caplog.records]
@@ -97,7 +98,8 @@ def test_epochs_reshuffle_with_persistent_workers(shards):
 
 
 def test_ranks_and_workers_split_the_shards(shards):
-    parts = [keys_of(make_train_loader(shards['urls'], batch_size=1, num_workers=2, rank=r, world_size=2, with_keys=True, **SMALL))
+    parts = [keys_of(make_train_loader(shards['urls'], batch_size=1, num_workers=2, rank=r, world_size=2,
+                                       with_keys=True, **SMALL))
              for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(shards['keys'])
@@ -106,10 +108,11 @@ def test_ranks_and_workers_split_the_shards(shards):
 def test_resampled_epochs_have_exact_length(shards):
     lengths = []
     for rank in range(2):
-        loader = make_train_loader(shards['urls'], batch_size=4, num_workers=2, resampled=True, num_samples=30, shuffle_buffer=8,
-                                   rank=rank, world_size=2, **SMALL)
+        loader = make_train_loader(shards['urls'], batch_size=4, num_workers=2, resampled=True, num_samples=30,
+                                   shuffle_buffer=8, rank=rank, world_size=2, **SMALL)
         batches = list(loader)
-        assert len(batches) == len(loader) == 4                                # ceil(30 / (2 ranks * 2 workers * 4)) = 2 per worker
+        # ceil(30 / (2 ranks * 2 workers * 4)) = 2 per worker
+        assert len(batches) == len(loader) == 4
         lengths.append(len(batches))
     assert lengths[0] == lengths[1]
     with pytest.raises(ValueError, match='num_samples'): make_train_loader(shards['urls'], resampled=True)
@@ -119,7 +122,8 @@ def test_pipeline_is_caption_pool_then_sampling_then_tokenizer():
     raw = {'jpg': photo(3, (300, 200)), 'json': json.dumps(record(3)).encode()}
     pixels, tokens = make_pipeline(64, num_captions=8)(raw, random.Random(5))
     rng = random.Random(5)
-    seed = rng.getrandbits(63)                                                   # first the crop's seed, then the sub-captions
+    # first the crop's seed, then the sub-captions
+    seed = rng.getrandbits(63)
     texts = sample_subcaptions(caption_pool(record(3)), 8, 3, rng)
     assert torch.equal(tokens, get_tokenizer()(texts))                           # (8, 77)
     torch.manual_seed(seed)
@@ -127,7 +131,8 @@ def test_pipeline_is_caption_pool_then_sampling_then_tokenizer():
 
 
 def test_crops_are_a_function_of_seed_and_epoch_and_leave_torch_alone(shards):
-    pipeline = make_pipeline(32, num_captions=2, context_length=16)             # FLAIR's random resized crop, scale (0.9, 1)
+    # FLAIR's random resized crop, scale (0.9, 1)
+    pipeline = make_pipeline(32, num_captions=2, context_length=16)
     def pixels(seed, epoch, torch_seed):
         torch.manual_seed(torch_seed)                                            # the global generator must not matter
         stream = ShardStream(str(shards['dir'] / 'full-4.tar'), pipeline, seed=seed, shuffle_buffer=3, with_keys=True)
@@ -136,8 +141,10 @@ def test_crops_are_a_function_of_seed_and_epoch_and_leave_torch_alone(shards):
     first = pixels(0, 1, torch_seed=1)
     assert len(first) == 6
     for key, image in pixels(0, 1, torch_seed=2).items(): assert torch.equal(image, first[key]), key
-    assert any(not torch.equal(image, first[key]) for key, image in pixels(0, 2, torch_seed=1).items())     # another epoch
-    assert any(not torch.equal(image, first[key]) for key, image in pixels(None, 1, torch_seed=1).items())  # fresh entropy
+    # another epoch
+    assert any(not torch.equal(image, first[key]) for key, image in pixels(0, 2, torch_seed=1).items())
+    # fresh entropy
+    assert any(not torch.equal(image, first[key]) for key, image in pixels(None, 1, torch_seed=1).items())
     raw = {'jpg': photo(3, (300, 200)), 'json': json.dumps(record(3)).encode()}
     state = torch.get_rng_state()
     pipeline(raw, random.Random(0))
@@ -155,8 +162,8 @@ def dreamlip_csv(path, urls):
         writer = csv.writer(f)
         writer.writerow(['Image Path', *DREAMLIP_FIELDS])
         for url in urls:
-            writer.writerow([url, 'alt text', 'a "short" one, with a comma', 'Long one.\nSecond line.</s>Third', 'sv', 'SV long. Two',
-                             'lla', 'LLA long'])
+            writer.writerow([url, 'alt text', 'a "short" one, with a comma', 'Long one.\nSecond line.</s>Third', 'sv',
+                             'SV long. Two', 'lla', 'LLA long'])
 
 
 def test_hub_path_offline(tmp_path):
@@ -165,9 +172,10 @@ def test_hub_path_offline(tmp_path):
             {'__key__': f'{i:09d}', 'jpg': photo(i), 'txt': f'alt {i}',
              'json': {'caption': f'alt {i}', 'url': f'https://img/{i}.jpg', 'key': f'{i:09d}', 'status': 'success'}}
             for i in range(4 * j, 4 * j + 4)])
-    dreamlip_csv(tmp_path / 'captions.csv', [f'https://img/{i}.jpg' for i in [0, 1, 2, 3, 4, 5, 6, 99]])   # none for image 7
-    options = dict(image_shards=str(tmp_path / 'cc3m-train-{0000..0001}.tar'), captions_csv=str(tmp_path / 'captions.csv'),
-                   progress=False)
+    # none for image 7
+    dreamlip_csv(tmp_path / 'captions.csv', [f'https://img/{i}.jpg' for i in [0, 1, 2, 3, 4, 5, 6, 99]])
+    options = dict(image_shards=str(tmp_path / 'cc3m-train-{0000..0001}.tar'),
+                   captions_csv=str(tmp_path / 'captions.csv'), progress=False)
     loader = cc3m_recap_loader(hub_dir=str(tmp_path / 'recap'), hub_options=options, batch_size=1, num_workers=0,
                                with_keys=True, **SMALL)
     assert sorted(keys_of(loader)) == [f'{i:09d}' for i in range(7)]
@@ -180,14 +188,17 @@ def test_hub_path_offline(tmp_path):
 
 def test_table_sources(tmp_path):
     folder = tmp_path / 'folder'; folder.mkdir()
-    rows = [(f'{i}.jpg', photo(i), f'A photo {i}. Of a square.') for i in range(5)] + [('bad.jpg', b'\xff\xd8 no', 'x'), ('empty.jpg', photo(), '')]
+    rows = ([(f'{i}.jpg', photo(i), f'A photo {i}. Of a square.') for i in range(5)]
+            + [('bad.jpg', b'\xff\xd8 no', 'x'), ('empty.jpg', photo(), '')])
     for name, data, _ in rows: (folder / name).write_bytes(data)
     with open(folder / 'metadata.csv', 'w', newline='') as f:
-        writer = csv.writer(f); writer.writerow(['file_name', 'long_caption']); writer.writerows((n, c) for n, _, c in rows)
+        writer = csv.writer(f); writer.writerow(['file_name', 'long_caption'])
+        writer.writerows((n, c) for n, _, c in rows)
     table = load_table(folder, cache_dir=str(tmp_path / 'cache'))
     loader = make_train_loader(table, batch_size=2, num_workers=2, caption_column='long_caption', **SMALL)
     assert sum(len(images) for images, _ in loader) == 4                        # 5 good rows, per-worker drop_last
-    assert loader.skipped()['corrupt_image'] == 1 and loader.skipped()['no_caption'] == 1     # an empty CSV cell is a missing value
+    # an empty CSV cell is a missing value
+    assert loader.skipped()['corrupt_image'] == 1 and loader.skipped()['no_caption'] == 1
     import pandas as pd
     frame = pd.DataFrame({'image': [{'bytes': photo(i), 'path': f'{i}.jpg'} for i in range(3)] + [None],
                           'longSV_captions': [['one', 'two']] * 3 + [['three']], 'raw_caption': ['r', None, 'r', 'r']})
@@ -221,7 +232,8 @@ def test_sources_and_urls(shards):
 @pytest.mark.skipif(not (TOY / 'bad-samples.tar').exists(), reason='the toy world has not written data/toy yet')
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_toy_world(num_workers):
-    loader = make_train_loader(str(TOY / 'toy-train-*.tar'), batch_size=4, num_workers=num_workers, image_size=64, seed=0)
+    loader = make_train_loader(str(TOY / 'toy-train-*.tar'), batch_size=4, num_workers=num_workers, image_size=64,
+                               seed=0)
     images, texts = next(iter(loader))
     assert images.shape == (4, 3, 64, 64) and texts.shape == (4, 8, 77)
     bad = make_train_loader(str(TOY / 'bad-samples.tar'), batch_size=1, num_workers=num_workers, **SMALL)
@@ -238,7 +250,8 @@ def test_training_converts_to_rgb_before_the_crop(mode):
     from flair_min.data import seeded
     rng = np.random.default_rng(1)
     rgba = Image.fromarray(rng.integers(0, 256, (40, 56, 4), dtype=np.uint8), 'RGBA')     # alpha varies per pixel
-    image = {'P': rgba.convert('RGB').convert('P', palette=Image.ADAPTIVE), 'RGBA': rgba}.get(mode) or rgba.convert(mode)
+    image = ({'P': rgba.convert('RGB').convert('P', palette=Image.ADAPTIVE), 'RGBA': rgba}.get(mode)
+             or rgba.convert(mode))
     fmt, key = ('JPEG', 'jpg') if mode == 'CMYK' else ('PNG', 'png')
     out = _io.BytesIO(); image.save(out, fmt)
     decoded = Image.open(_io.BytesIO(out.getvalue())); decoded.load()

@@ -1,4 +1,4 @@
-"""The main job, `flair-min demo` (nbs/12_demo): an end-to-end run of a small configuration through the
+"""The main job, `flair-min demo` (nbs/13_demo): an end-to-end run of a small configuration through the
 command-line arguments, and property tests of its evaluation pieces against naive versions."""
 import argparse, json
 
@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from flair_min.demo import (DemoConfig, demo_config, demo_model_config, eval_images, fine_grained_metrics,
-                                  fine_grained_texts, localization_maps, make_demo_loader, run_demo, tokenize_texts, trim_padding)
+                            fine_grained_texts, own_image_maps, make_demo_loader, run_demo, tokenize_texts,
+                            trim_padding)
 from flair_min.model import FLAIR
 from flair_min.cli import add_demo_arguments
 from flair_min.toyworld import load_eval_split, make_eval_split
 
-SMALL = ['--quick', '--steps', '8', '--train-scenes', '64', '--eval-scenes', '24', '--batch-size', '8', '--threads', '1', '--quiet']
+SMALL = ['--quick', '--steps', '8', '--train-scenes', '64', '--eval-scenes', '24', '--batch-size', '8',
+         '--threads', '1', '--quiet']
 
 
 @pytest.fixture(scope='module')
@@ -24,14 +26,18 @@ def small_run(tmp_path_factory):
 
 def test_outputs_exist(small_run):
     out, results = small_run
-    for name in ('metrics.json', 'table.txt', 'losses.png', 'metrics.png', 'heatmaps.png', 'data/toy-eval.npz', 'data/manifest.json'):
+    for name in ('metrics.json', 'table.txt', 'losses.png', 'metrics.png', 'heatmaps.png', 'data/toy-eval.npz',
+                 'data/manifest.json'):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert sorted(p.name for p in (out / 'data').glob('toy-train-*.tar')) == ['toy-train-000000.tar']
     saved = json.loads((out / 'metrics.json').read_text())
     assert saved['margins'] == pytest.approx(results['margins'])
     table = (out / 'table.txt').read_text()
-    for label in ('fine-grained T→I R@1', 'long caption I→T R@5', 'localization pointing game', 'FLAIR', 'baseline', 'margin'):
+    for label in ('fine-grained T→I R@1', 'long caption I→T R@5', "pointing game, the model's map",
+                  'segmentation mIoU, colours', 'FLAIR', 'baseline', 'margin', 'chance'):
         assert label in table
+    assert table.index('localization') < table.index('Retrieval') < table.index('Diagnostics')   # localization first
+    assert all(0 <= v <= 1 for m in ('flair', 'baseline') for v in results[m]['segmentation'].values())
 
 
 def test_metrics_in_range(small_run):
@@ -50,7 +56,8 @@ def test_metrics_in_range(small_run):
 def test_rerun_reuses_data(small_run, tmp_path):
     out, _ = small_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / 'data').iterdir()}
-    run_demo(demo_config(vars(add_demo_arguments(argparse.ArgumentParser()).parse_args([*SMALL, '--out', str(out), '--steps', '1', '--no-plots']))))
+    run_demo(demo_config(vars(add_demo_arguments(argparse.ArgumentParser())
+                              .parse_args([*SMALL, '--out', str(out), '--steps', '1', '--no-plots']))))
     assert {p.name: p.stat().st_mtime_ns for p in (out / 'data').iterdir()} == before
 
 
@@ -91,21 +98,26 @@ def test_image_and_patch_size_reach_world_model_and_loader(tmp_path):
 def test_trim_padding_is_exact():
     torch.manual_seed(0)
     model = FLAIR(demo_model_config(DemoConfig(vision_layers=1, text_layers=2))).eval()
-    ids = tokenize_texts(['A small red star in the bottom left', 'There are five objects. The background is plain gray'])
+    ids = tokenize_texts(['A small red star in the bottom left',
+                          'There are five objects. The background is plain gray'])
     full = torch.cat([ids, torch.zeros(len(ids), 77 - ids.shape[1], dtype=ids.dtype)], 1)  # (2, 77)
     assert trim_padding(full).shape == ids.shape
-    with torch.no_grad(): torch.testing.assert_close(model.embed_text(ids), model.embed_text(full), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_text(ids), model.embed_text(full), rtol=1e-5, atol=1e-5)
 
 
 def naive_fine_grained(scores, txt2img):
-    "Loop version: t→i rank of each text's image among all images; i→t best rank of an image's texts, images with texts only."
-    t2i = [int((scores[:, t] > scores[txt2img[t], t]).sum() + ((scores[:, t] == scores[txt2img[t], t]) & (torch.arange(len(scores)) < txt2img[t])).sum())
+    """Loop version: t→i rank of each text's image among all images; i→t best rank of an image's texts,
+    images with texts only."""
+    t2i = [int((scores[:, t] > scores[txt2img[t], t]).sum()
+               + ((scores[:, t] == scores[txt2img[t], t]) & (torch.arange(len(scores)) < txt2img[t])).sum())
            for t in range(scores.shape[1])]
     i2t = []
     for i in range(scores.shape[0]):
         own = [t for t in range(scores.shape[1]) if txt2img[t] == i]
         if not own: continue
-        ranks = [int((scores[i] > scores[i, t]).sum() + ((scores[i] == scores[i, t]) & (torch.arange(scores.shape[1]) < t)).sum()) for t in own]
+        ranks = [int((scores[i] > scores[i, t]).sum()
+                     + ((scores[i] == scores[i, t]) & (torch.arange(scores.shape[1]) < t)).sum()) for t in own]
         i2t.append(min(ranks))
     return np.array(t2i), np.array(i2t)
 
@@ -135,19 +147,21 @@ def test_fine_grained_texts_are_unique():
     assert all(t.startswith('A ') for t in texts.tolist())                  # object sentences only
 
 
-def test_localization_maps():
+def test_own_image_maps():
     torch.manual_seed(0)
     model = FLAIR(demo_model_config(DemoConfig(vision_layers=1, text_layers=1))).eval()
-    images, ids, txt2img = torch.randn(3, 3, 64, 64), tokenize_texts(['A small red star in the center'] * 2 + ['There is one object']), torch.tensor([2, 0, 1])
-    attention = localization_maps(model, images, ids, txt2img, 'attention')
-    similarity = localization_maps(model, images, ids, txt2img, 'similarity')
+    images, ids, txt2img = (torch.randn(3, 3, 64, 64),
+                            tokenize_texts(['A small red star in the center'] * 2 + ['There is one object']),
+                            torch.tensor([2, 0, 1]))
+    attention = own_image_maps(model, images, ids, txt2img, 'attention')
+    similarity = own_image_maps(model, images, ids, txt2img, 'patch_cosine')
     assert attention.shape == similarity.shape == (3, 8, 8)
     with torch.no_grad():                                                  # each map is the one of its own image
         _, weights = model.pool(model.embed_text(ids[:1]), model.embed_image(images[2:3])[1], return_attention=True)
     torch.testing.assert_close(attention[0].flatten(), weights[0, 0, :-1], rtol=1e-5, atol=1e-6)
     assert similarity.abs().max() <= 1 + 1e-5
-    with pytest.raises(ValueError, match="expected 'attention' or 'similarity'"):
-        localization_maps(model, images, ids, txt2img, 'saliency')
+    with pytest.raises(ValueError, match="expected one of"):
+        own_image_maps(model, images, ids, txt2img, 'saliency')
 
 
 def test_diagnostics_in_results_and_table(small_run):
@@ -158,7 +172,8 @@ def test_diagnostics_in_results_and_table(small_run):
             assert set(results[model][section]) == attributes, (model, section)
     for model in ('flair', 'baseline'):
         assert set(results[model]['attributes']) == attributes
-        assert all(0 <= v <= 1 for v in [*results[model]['attributes'].values(), *results[model]['image_probe'].values()])
+        assert all(0 <= v <= 1
+                   for v in [*results[model]['attributes'].values(), *results[model]['image_probe'].values()])
     table = (out / 'table.txt').read_text()
     for label in ('attribute swap shape', 'image probe position', 'text swap cosine colour', 'untrained towers'):
         assert label in table
@@ -201,9 +216,11 @@ def test_object_tokens_average_the_covered_patches():
     keep = np.flatnonzero(split['sentence_object'] >= 0)
     assert tokens.shape == (len(keep), 32) and attributes.shape == (len(keep), 4)
     with torch.no_grad(): _, local = model.embed_image(images)
-    s = 0                                                            # the first object by a loop: weighted mean over its patches
+    # the first object by a loop: weighted mean over its patches
+    s = 0
     cover = patch_coverage(split['masks'][keep[s]][None], 8)[0].reshape(-1)
-    expected = (torch.as_tensor(cover, dtype=torch.float32)[:, None] * local[int(split['sentence_image'][keep[s]])]).sum(0) / cover.sum()
+    expected = (torch.as_tensor(cover, dtype=torch.float32)[:, None]
+                * local[int(split['sentence_image'][keep[s]])]).sum(0) / cover.sum()
     assert torch.allclose(tokens[s], expected, atol=1e-5)
 
 
@@ -215,6 +232,7 @@ def test_text_swap_similarity_against_a_loop():
     keep, swapped = swapped_sentences(split, 'colour', seed=4)
     with torch.no_grad():
         cosines = [torch.nn.functional.cosine_similarity(model.embed_text(tokenize_texts([str(split['sentences'][s])])),
-                                                         model.embed_text(tokenize_texts([t])))[0] for s, t in zip(keep, swapped)]
+                                                         model.embed_text(tokenize_texts([t])))[0]
+                   for s, t in zip(keep, swapped)]
     assert sims['colour'] == pytest.approx(float(torch.stack(cosines).mean()), abs=1e-5)
     assert all(-1 <= v <= 1 for v in sims.values())

@@ -59,8 +59,8 @@ def start_and_reap(inputs_path, tmp_path):
                                str(tmp_path / f'rank{r}.pt')], stdout=logs[r], stderr=subprocess.STDOUT, env=env)
              for r in range(WORLD)]
     try:
-        progress = lambda: [(tmp_path / f'rank{r}.pt.progress').read_text() if (tmp_path / f'rank{r}.pt.progress').exists()
-                            else '' for r in range(WORLD)]
+        progress = lambda: [(tmp_path / f'rank{r}.pt.progress').read_text()
+                            if (tmp_path / f'rank{r}.pt.progress').exists() else '' for r in range(WORLD)]
         seen, last_change = progress(), time.monotonic()
         while time.monotonic() - last_change < STALL_S:
             codes = [p.poll() for p in procs]
@@ -91,7 +91,8 @@ def test_two_processes_equal_one(flair_tiny, tmp_path):
     ranks = run_workers(tmp_path / 'inputs.pt', tmp_path)
     for c, case in enumerate(inputs['cases']):
         if case['negative_offsets'] is None:  # rank 0 drew with seed 123 + 0, and broadcast its draw
-            case = dict(case, negative_offsets=draw_negative_offsets(IMAGES, K, generator=torch.Generator().manual_seed(123)))
+            case = dict(case, negative_offsets=draw_negative_offsets(IMAGES, K,
+                                                                     generator=torch.Generator().manual_seed(123)))
         loss, grads = single_process(flair_tiny['state_dict'], inputs, case)
         rank_losses = torch.stack([r[c]['loss'] for r in ranks])
         torch.testing.assert_close(rank_losses.mean(), loss, rtol=1e-5, atol=1e-6)  # mean over ranks = global loss

@@ -37,7 +37,8 @@ def test_coco_excerpt(tmp_path):
     root = place(tmp_path, 'coco_captions_val2017_excerpt.json', 'coco', 'annotations', 'captions_val2017.json')
     data = json.loads((EXCERPTS / 'coco_captions_val2017_excerpt.json').read_text())
     files = {im['id']: im['file_name'] for im in data['images']}
-    data_list = [{'image_id': a['image_id'], 'caption': a['caption']} for a in data['annotations'] if a['image_id'] in files]
+    data_list = [{'image_id': a['image_id'], 'caption': a['caption']} for a in data['annotations']
+                 if a['image_id'] in files]
     image_ids, txt2img = official_counting(data_list)
     coco = read_coco(root)
     assert (len(coco.images), len(coco.texts)) == (40, 200)
@@ -50,7 +51,8 @@ def test_flickr30k_excerpt(tmp_path):
     flickr = read_flickr30k(place(tmp_path, 'flickr30k_val_excerpt.json', 'flickr30k-images', 'flickr30k_val.json'))
     assert (len(flickr.images), len(flickr.texts)) == (30, 150)
     assert flickr.txt2img == [i // 5 for i in range(150)]
-    assert flickr.images[-1] == tmp_path / 'flickr30k-images' / '123244147.jpg'   # relative to the folder above the root
+    # relative to the folder above the root
+    assert flickr.images[-1] == tmp_path / 'flickr30k-images' / '123244147.jpg'
 
 
 def test_iiw_excerpt(tmp_path):
@@ -64,7 +66,8 @@ def test_iiw_excerpt(tmp_path):
 
 
 def test_urban1k_excerpt(tmp_path):
-    urban = read_urban1k(place(tmp_path, 'urban1k_annotations_excerpt.json', 'Urban1k', 'annotations', 'annotations.json'))
+    urban = read_urban1k(place(tmp_path, 'urban1k_annotations_excerpt.json', 'Urban1k', 'annotations',
+                               'annotations.json'))
     assert (len(urban.images), len(urban.texts)) == (30, 30) and urban.txt2img == list(range(30))
     assert urban.images[1] == tmp_path / 'Urban1k' / 'images' / '10.jpg'
 
@@ -95,19 +98,22 @@ def test_docci_fixture(tmp_path):
 
 def test_sharegpt4v_fixture(tmp_path):
     entries = [{'image': f'sam/images/sa_{i}.jpg' if i % 2 else f'sam/sa_{i}.jpg',
-                'conversations': [{'from': 'human', 'value': '<image>\nWhat is it?'}, {'from': 'gpt', 'value': f'It is {i}.\nA 1.5 m pole.'}]}
+                'conversations': [{'from': 'human', 'value': '<image>\nWhat is it?'},
+                                  {'from': 'gpt', 'value': f'It is {i}.\nA 1.5 m pole.'}]}
                for i in range(1003)]
     (tmp_path / 'share4v_sam_10k.json').write_text(json.dumps(entries))
     share = read_sharegpt4v(tmp_path, 1000)
     assert (len(share.images), len(share.texts), share.name) == (1000, 1000, 'sharegpt4v-1k')
     assert share.texts[7] == 'It is 7. A 1. 5 m pole'
     assert share.images[:2] == [tmp_path / 'sam' / 'sa_0.jpg', tmp_path / 'sam' / 'sa_1.jpg']
-    with pytest.raises(ValueError, match='1,003 entries, fewer than the 10,000'): read_benchmark('sharegpt4v-10k', tmp_path)
+    with pytest.raises(ValueError, match='1,003 entries, fewer than the 10,000'):
+        read_benchmark('sharegpt4v-10k', tmp_path)
 
 
 @pytest.mark.parametrize('name,expected', [
-    ('coco', 'annotations/captions_val2017.json'), ('flickr30k', 'flickr30k_<split>.json'), ('docci', 'annotations/test_annotations.json'),
-    ('iiw', '<root>/test_annotations.json'), ('urban1k', 'annotations/annotations.json'), ('dci', 'densely_captioned_images/splits.json'),
+    ('coco', 'annotations/captions_val2017.json'), ('flickr30k', 'flickr30k_<split>.json'),
+    ('docci', 'annotations/test_annotations.json'), ('iiw', '<root>/test_annotations.json'),
+    ('urban1k', 'annotations/annotations.json'), ('dci', 'densely_captioned_images/splits.json'),
     ('sharegpt4v-1k', 'share4v_sam_10k.json')])
 def test_missing_annotation_names_the_layout(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError, match='Expected layout') as error: read_benchmark(name, tmp_path / 'empty')
@@ -118,7 +124,8 @@ def test_missing_images_name_the_layout(tmp_path):
     root = place(tmp_path, 'urban1k_annotations_excerpt.json', 'Urban1k', 'annotations', 'annotations.json')
     (root / 'images').mkdir()
     for i in range(29): Image.new('RGB', (4, 4)).save(root / 'images' / read_urban1k(root).images[i].name)
-    with pytest.raises(FileNotFoundError, match=r'(?s)1 of 30 image files are missing, e\.g\. .*124\.jpg.*<root>/images/<image>'):
+    with pytest.raises(FileNotFoundError,
+                       match=r'(?s)1 of 30 image files are missing, e\.g\. .*124\.jpg.*<root>/images/<image>'):
         read_benchmark('urban1k', root)
     assert len(read_benchmark('urban1k', root, check_images=False).images) == 30
     assert set(BENCHMARKS) == {'coco', 'flickr30k', 'docci', 'iiw', 'urban1k', 'dci', 'sharegpt4v-1k', 'sharegpt4v-10k'}
@@ -133,7 +140,8 @@ def tiny_coco(root: Path, n_images=5):
     (root / 'annotations' / 'captions_val2017.json').write_text(json.dumps(data))
     g = torch.Generator().manual_seed(0)
     for im in data['images']:
-        Image.fromarray(torch.randint(0, 256, (36, 44, 3), generator=g, dtype=torch.uint8).numpy()).save(root / 'images' / 'val2017' / im['file_name'])
+        (Image.fromarray(torch.randint(0, 256, (36, 44, 3), generator=g, dtype=torch.uint8).numpy())
+         .save(root / 'images' / 'val2017' / im['file_name']))
     return root
 
 
@@ -141,7 +149,9 @@ def tiny_coco(root: Path, n_images=5):
 def eval_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('eval')
     torch.manual_seed(0)
-    torch.save({'epoch': 1, 'state_dict': {f'module.{k}': v for k, v in FLAIR(replace(FlairConfig.tiny(), vocab_size=49408)).state_dict().items()}},
+    torch.save({'epoch': 1,
+                'state_dict': {f'module.{k}': v
+                               for k, v in FLAIR(replace(FlairConfig.tiny(), vocab_size=49408)).state_dict().items()}},
                tmp / 'tiny_clip_vocab.pt')
     return tmp, tiny_coco(tmp / 'coco')
 
@@ -151,14 +161,16 @@ def test_flair_min_eval_end_to_end(eval_setup, mode, capsys):
     tmp, root = eval_setup
     parser = add_eval_arguments(argparse.ArgumentParser(prog='flair-min eval'))
     output = tmp / f'{mode}.json'
-    args = parser.parse_args(['--pretrained', str(tmp / 'tiny_clip_vocab.pt'), '--dataset', 'coco', '--root', str(root), '--mode', mode,
-                              '--topk', '3', '--batch-size', '2', '--workers', '0', '--device', 'cpu', '--output', str(output)])
+    args = parser.parse_args(['--pretrained', str(tmp / 'tiny_clip_vocab.pt'), '--dataset', 'coco', '--root', str(root),
+                              '--mode', mode, '--topk', '3', '--batch-size', '2', '--workers', '0', '--device', 'cpu',
+                              '--output', str(output)])
     results = run_eval(args)
     printed = capsys.readouterr()
     assert json.loads(output.read_text()) == results
     assert (results['num_images'], results['num_texts'], results['mode']) == (5, 25, mode)
     assert 'text→image' in printed.out and 'image→text' in printed.out and str(output) in printed.out
-    assert f'{mode} scores' in printed.err and '3/3' in printed.err                    # the tqdm bar over 3 image batches
+    # the tqdm bar over 3 image batches
+    assert f'{mode} scores' in printed.err and '3/3' in printed.err
     metrics = results['metrics']
     assert metrics['text_to_image_R@5'] == 1.0 and 1 <= metrics['image_to_text_mean_rank'] <= 25
     assert results['topk'] == (3 if mode == 'topk' else None)
@@ -168,8 +180,9 @@ def test_eval_refuses_a_model_whose_vocabulary_the_tokenizer_overflows(eval_setu
     tmp, root = eval_setup
     torch.save(flair_tiny['state_dict'], tmp / 'flair_tiny_weights.pt')
     parser = add_eval_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(['--model', 'tiny', '--pretrained', str(tmp / 'flair_tiny_weights.pt'), '--dataset', 'coco',
-                              '--root', str(root), '--workers', '0', '--device', 'cpu', '--output', str(tmp / 'x.json')])
+    args = parser.parse_args(['--model', 'tiny', '--pretrained', str(tmp / 'flair_tiny_weights.pt'),
+                              '--dataset', 'coco', '--root', str(root), '--workers', '0', '--device', 'cpu',
+                              '--output', str(tmp / 'x.json')])
     with pytest.raises(ValueError, match="vocabulary has 1000 entries"): run_eval(args)
 
 

@@ -72,14 +72,17 @@ def test_pair_labels():
     expected = torch.tensor([[1, 1, -1, -1], [-1, 1, 1, -1], [-1, -1, 1, 1.]])
     assert torch.equal(pair_labels(idx, 2, torch.arange(3)), expected)
     assert torch.equal(pair_labels(idx[1:], 2, torch.arange(1, 3)), expected[1:])  # global image indices
-    assert torch.equal(pair_labels(torch.arange(6)[None], 2, torch.arange(3)), torch.block_diag(*[torch.ones(1, 2)] * 3) * 2 - 1)
+    assert torch.equal(pair_labels(torch.arange(6)[None], 2, torch.arange(3)),
+                       torch.block_diag(*[torch.ones(1, 2)] * 3) * 2 - 1)
 
 
 def test_pure_losses_against_pair_by_pair_formula():
     g = torch.Generator().manual_seed(0)
     B, M, N, D = 3, 4, 6, 8
-    pooled, texts, y = torch.randn(B, M, D, generator=g), torch.randn(B, M, D, generator=g), torch.randn(B, M, generator=g).sign()
-    images, all_texts, ym = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g).sign()
+    pooled, texts, y = (torch.randn(B, M, D, generator=g), torch.randn(B, M, D, generator=g),
+                        torch.randn(B, M, generator=g).sign())
+    images, all_texts, ym = (torch.randn(B, D, generator=g), torch.randn(N, D, generator=g),
+                             torch.randn(B, N, generator=g).sign())
     s, b = 7.0, -3.0
     cos = lambda u, v: (u @ v / (u.norm() * v.norm())).item()
     nll = lambda y, z: math.log1p(math.exp(-y * z))
@@ -104,7 +107,8 @@ def test_chunked_tcs_equals_unchunked(chunk_size):
     pool, (batch, offsets) = TextConditionedPooling(16, heads=8), synthetic()
     idx = downsample_caption_indices(offsets, 3)
     y = pair_labels(idx, 3, torch.arange(6))
-    leaves = [batch['text_features'], batch['image_tokens'], batch['logit_scale'], batch['logit_bias'], *pool.parameters()]
+    leaves = [batch['text_features'], batch['image_tokens'], batch['logit_scale'], batch['logit_bias'],
+              *pool.parameters()]
     def run(c):
         loss = downsampled_tcs_loss(pool, batch['text_features'], batch['image_tokens'], idx, y,
                                     batch['logit_scale'], batch['logit_bias'], chunk_size=c)
@@ -123,9 +127,10 @@ def test_rank_losses_average_to_global_batch(W, add_mps):
     leaves = [*batch.values(), *pool.parameters()]
     def run(W):
         b = 6 // W
-        loss = sum(flair_loss_of_rank(batch['image_features'][r * b:(r + 1) * b], batch['image_tokens'][r * b:(r + 1) * b],
-                                      batch['text_features'], batch['logit_scale'], batch['logit_bias'], pool, offsets, 3,
-                                      add_mps, rank=r, world=W) for r in range(W)) / W
+        loss = sum(flair_loss_of_rank(batch['image_features'][r * b:(r + 1) * b],
+                                      batch['image_tokens'][r * b:(r + 1) * b], batch['text_features'],
+                                      batch['logit_scale'], batch['logit_bias'], pool, offsets, 3, add_mps,
+                                      rank=r, world=W) for r in range(W)) / W
         return loss, torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     (l1, g1), (lw, gw) = run(1), run(W)
     assert abs(l1.item() - lw.item()) < 1e-5 * abs(l1.item())
@@ -142,9 +147,11 @@ def test_flair_loss_module_api(flair_tiny):
     a = FlairLoss(2)(**out, generator=torch.Generator().manual_seed(3)).item()
     assert a == FlairLoss(2)(**out, generator=torch.Generator().manual_seed(3)).item()
     with pytest.raises(ValueError, match='num_captions=3'): FlairLoss(3)(**out)
-    with pytest.raises(ValueError, match=r'\(B, B-1\)'): FlairLoss(2)(**out, negative_offsets=torch.zeros(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r'\(B, B-1\)'):
+        FlairLoss(2)(**out, negative_offsets=torch.zeros(3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match='num_captions'): FlairLoss(2)(**out, negative_offsets=torch.full((3, 2), 5))
-    with pytest.raises(ValueError, match='global batch'): FlairLoss(2)(**out, negative_offsets=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match='global batch'):
+        FlairLoss(2)(**out, negative_offsets=torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match='chunk_size'): FlairLoss(2, chunk_size=0)(**out)
 
 

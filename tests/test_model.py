@@ -8,7 +8,8 @@ from PIL import Image
 
 from conftest import REFERENCE
 from flair_min.model import FLAIR, FlairConfig, Attention, image_transform
-from flair_min.checkpoint import StateDictMismatchError, config_from_state_dict, load_state_dict_strict, unwrap_state_dict
+from flair_min.checkpoint import (StateDictMismatchError, config_from_state_dict, load_state_dict_strict,
+                                  unwrap_state_dict)
 
 EPS = 1e-5
 

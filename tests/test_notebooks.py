@@ -1,6 +1,5 @@
 """Every notebook is a test: run each one top to bottom, as `nbdev_test` does, skipping the cells
 flagged with a `tst_flags` flag (`#| gpu`, `#| slow`). Scratch notebooks (`_*.ipynb`) are skipped."""
-import os
 import pytest
 from nbdev import test as nbdev_testing
 from nbdev.config import get_config

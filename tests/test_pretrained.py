@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import flair_min
-import flair_min.pretrained as pretrained_mod
 from flair_min.model import FLAIR, FlairConfig, PRECISIONS, image_transform
 from flair_min.checkpoint import StateDictMismatchError, download_weights_from_hf, load_checkpoint, read_checkpoint
 from flair_min.pretrained import PRETRAINED_FILES, create_model, create_model_and_transforms
@@ -27,7 +26,8 @@ def forms(sd):
 def test_saved_checkpoint_through_front_door(flair_tiny, tmp_path, form, name):
     path = tmp_path / 'ckpt.pt'
     torch.save(forms(flair_tiny['state_dict'])[form], path)
-    model, train_tf, val_tf = create_model_and_transforms('tiny' if name == 'tiny' else FlairConfig.tiny(), pretrained=path)
+    model, train_tf, val_tf = create_model_and_transforms('tiny' if name == 'tiny' else FlairConfig.tiny(),
+                                                          pretrained=path)
     with torch.no_grad():
         per_image, per_text = model.get_logits(image=flair_tiny['images'], text=flair_tiny['texts'])
         clip_image, clip_text = model.get_logits_as_clip(image=flair_tiny['images'], text=flair_tiny['texts'])
@@ -89,7 +89,8 @@ def test_one_error_lists_all_mismatches(flair_tiny, tmp_path):
     torch.save(sd, tmp_path / 'bad.pt')
     with pytest.raises(StateDictMismatchError) as e:
         create_model('tiny', pretrained=tmp_path / 'bad.pt')
-    for expected in ("missing keys 1: ['ln_final.bias']", "unexpected keys 1: ['visual.proj']", "('text_post.proj', (128, 32), (128, 64))"):
+    for expected in ("missing keys 1: ['ln_final.bias']", "unexpected keys 1: ['visual.proj']",
+                     "('text_post.proj', (128, 32), (128, 64))"):
         assert expected in str(e.value)
 
 
@@ -107,11 +108,13 @@ def test_broken_files(flair_tiny, tmp_path):
     (tmp_path / 'truncated.pt').write_bytes(good[:len(good) // 2])
     torch.save({'epoch': 3, 'note': 'no weights'}, tmp_path / 'no_tensors.pt')
     cases = [('missing.pt', FileNotFoundError, 'not found'), ('page.pt', ValueError, 'is not a PyTorch checkpoint'),
-             ('empty.pt', ValueError, 'is not a PyTorch checkpoint'), ('truncated.pt', ValueError, 'truncated or corrupted'),
+             ('empty.pt', ValueError, 'is not a PyTorch checkpoint'),
+             ('truncated.pt', ValueError, 'truncated or corrupted'),
              ('no_tensors.pt', ValueError, 'expected a state dict')]
     for name, error, message in cases:
         with pytest.raises(error, match=message):
-            create_model('tiny', pretrained=tmp_path / name) if name != 'missing.pt' else read_checkpoint(tmp_path / name)
+            (create_model('tiny', pretrained=tmp_path / name) if name != 'missing.pt'
+             else read_checkpoint(tmp_path / name))
 
 
 def test_pickle_refused_by_weights_only(flair_tiny, tmp_path):
@@ -155,17 +158,20 @@ def test_released_names_go_to_the_hub(flair_tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # so the bare name is not found as a local file
     create_model('tiny', pretrained='flair-cc12m-recap.pt')
     assert calls == [('xiaorui638/flair', 'flair-cc12m-recap.pt')]
-    assert PRETRAINED_FILES == ('flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt', 'flair-merged30m.pt')
+    assert PRETRAINED_FILES == ('flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt',
+                                'flair-merged30m.pt')
 
 
 def test_minimal_example_names(flair_tiny, tmp_path, monkeypatch):
-    "The official minimal example's calls, through `import flair_min as flair` (tiny weights stand in for the hub file)."
+    """The official minimal example's calls, through `import flair_min as flair`
+    (tiny weights stand in for the hub file)."""
     needed = ('download_weights_from_hf', 'create_model_and_transforms', 'get_tokenizer')
     if not all(hasattr(flair_min, n) for n in needed):
         pytest.skip('flair_min/__init__.py does not re-export the pretrained names yet')
     import huggingface_hub
     torch.save({'state_dict': flair_tiny['state_dict']}, tmp_path / 'flair-cc3m-recap.pt')
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, cache_dir=None: str(tmp_path / filename))
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download',
+                        lambda repo_id, filename, cache_dir=None: str(tmp_path / filename))
     flair = flair_min
     pretrained = flair.download_weights_from_hf(model_repo='xiaorui638/flair', filename='flair-cc3m-recap.pt')
     model, _, preprocess = flair.create_model_and_transforms('tiny', pretrained=pretrained)

@@ -21,9 +21,11 @@ def tiny(flair_tiny):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_scores_and_metrics_match_official(tiny, flair_tiny, mode):
-    images, texts, txt2img = flair_tiny['retrieval.images'], flair_tiny['retrieval.texts'], flair_tiny['retrieval.txt2img']
+    images, texts, txt2img = (flair_tiny['retrieval.images'], flair_tiny['retrieval.texts'],
+                              flair_tiny['retrieval.txt2img'])
     loader = DataLoader(TensorDataset(images, torch.arange(8)), batch_size=3)          # yields (images, ids) pairs
-    scores = retrieval_scores(tiny, loader, texts, mode, topk=flair_tiny['retrieval.topk'], text_batch_size=5, chunk_size=11)
+    scores = retrieval_scores(tiny, loader, texts, mode, topk=flair_tiny['retrieval.topk'], text_batch_size=5,
+                              chunk_size=11)
     if mode == 'topk':
         idx = flair_tiny['retrieval.topk_indices']
         torch.testing.assert_close(scores.gather(1, idx), flair_tiny['retrieval.scores_topk'], atol=1e-5, rtol=0)
@@ -65,7 +67,8 @@ def test_fast_path_equals_per_image_loop(mode, topk, chunk_size):
 
 def test_topk_with_every_text_is_flair_mode():
     pool, g = random_pool(seed=3), torch.Generator().manual_seed(2)
-    text_emb, global_emb, local = torch.randn(9, 64, generator=g), torch.randn(4, 64, generator=g), torch.randn(4, 10, 64, generator=g)
+    text_emb, global_emb, local = (torch.randn(9, 64, generator=g), torch.randn(4, 64, generator=g),
+                                   torch.randn(4, 10, 64, generator=g))
     flair = score_embeddings(global_emb, local, text_emb, pool, 1.0, 'flair')
     torch.testing.assert_close(score_embeddings(global_emb, local, text_emb, pool, 1.0, 'topk', topk=500), flair)
 
@@ -76,7 +79,8 @@ def official_metrics(scores, txt2img):
     for t, i in enumerate(txt2img.tolist()): img2txt.setdefault(i, []).append(t)
     t2i = torch.tensor([float(torch.where(torch.argsort(s, descending=True, stable=True) == txt2img[t])[0][0])
                         for t, s in enumerate(scores.t())])
-    i2t = torch.tensor([float(min(torch.where(torch.argsort(s, descending=True, stable=True) == t)[0][0] for t in img2txt[i]))
+    i2t = torch.tensor([float(min(torch.where(torch.argsort(s, descending=True, stable=True) == t)[0][0]
+                                  for t in img2txt[i]))
                         for i, s in enumerate(scores)])
     out = {}
     for name, ranks in (('text_to_image', t2i), ('image_to_text', i2t)):
@@ -118,4 +122,5 @@ def test_bad_inputs_raise_clear_errors(tiny, flair_tiny):
     with pytest.raises(ValueError, match='chunk_size=0'): retrieval_scores(tiny, [images], texts, chunk_size=0)
     with pytest.raises(ValueError, match='token ids'): retrieval_scores(tiny, [images], texts[0])
     with pytest.raises(ValueError, match='expected one of'): retrieval_scores(tiny, [images], texts, precision='fp8')
-    with pytest.raises(ValueError, match='13 integer image indices'): retrieval_metrics(torch.zeros(8, 13), torch.zeros(12, dtype=torch.long))
+    with pytest.raises(ValueError, match='13 integer image indices'):
+        retrieval_metrics(torch.zeros(8, 13), torch.zeros(12, dtype=torch.long))

@@ -1,5 +1,5 @@
-"""The ring (FLAIR's official multi-GPU objective, 04_losses §7): the one-process simulation against the official reference values,
-and the real point-to-point exchange (gloo, CPU, spawned processes) against the simulation."""
+"""The ring (FLAIR's official multi-GPU objective, 04_losses §7): the one-process simulation against the official
+reference values, and the real point-to-point exchange (gloo, CPU, spawned processes) against the simulation."""
 import datetime, os, socket, sys, time, traceback, warnings
 from pathlib import Path
 import multiprocessing as mp
@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from conftest import ROOT
-from flair_min.losses import (FlairLoss, all_gather_with_grad, ring_exchange, ring_flair_loss_of_rank, ring_flair_losses,
-                              ring_source_ranks)
+from flair_min.losses import (FlairLoss, all_gather_with_grad, ring_exchange, ring_flair_loss_of_rank,
+                              ring_flair_losses, ring_source_ranks)
 from flair_min.model import TextConditionedPooling
 
 REFERENCE = ROOT / 'data' / 'reference' / 'flair_ring.pt'   # computed with the official loss code (data/README.md)

@@ -1,4 +1,4 @@
-"""The Colab recipe (nbs/13_small_scale.ipynb) on the CPU: GPU presets and how one is chosen, the step measurement
+"""The Colab recipe (nbs/14_small_scale.ipynb) on the CPU: GPU presets and how one is chosen, the step measurement
 on the tiny model, `train_small` on the toy shards (checkpoint, resume='latest', the released-weights loader) and
 the held-out retrieval evaluation with the official metric keys."""
 import argparse, json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from flair_min.small_scale import (GPU_KINDS, PRESETS, GpuPreset, choose_preset, heldout_retrieval, measure_train_step,
-                             preset_cli_args, read_pairs, resolve_preset, retrieval_hook, scale_throughput, split_overrides,
-                             train_small)
+from flair_min.small_scale import (PRESETS, GpuPreset, choose_preset, heldout_retrieval, measure_train_step,
+                                   preset_cli_args, read_pairs, resolve_preset, retrieval_hook, scale_throughput,
+                                   split_overrides, train_small)
 from flair_min.data import tar_samples
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.pretrained import create_model_and_transforms
@@ -20,7 +20,8 @@ from flair_min.cli import add_train_arguments
 TOY = ROOT / 'data' / 'toy'
 TOY_TRAIN = str(TOY / 'toy-train-*.tar')
 TINY_CLIP = replace(FlairConfig.tiny(), vocab_size=49408)   # tiny towers, CLIP vocabulary (the loader's tokenizer)
-OFFICIAL_KEYS = {f'{d}_{m}' for d in ('text_to_image', 'image_to_text') for m in ('R@1', 'R@5', 'R@10', 'mean_rank', 'median_rank')}
+OFFICIAL_KEYS = {f'{d}_{m}' for d in ('text_to_image', 'image_to_text')
+                 for m in ('R@1', 'R@5', 'R@10', 'mean_rank', 'median_rank')}
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
@@ -72,7 +73,8 @@ def test_resolve_preset_and_overrides():
     with pytest.raises(ValueError, match="expected 'auto'"): resolve_preset('A10G')
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match='Change runtime type'): resolve_preset('auto')
-    assert split_overrides({'num_workers': 1, 'draft': True, 'warmup': 3}) == ({'num_workers': 1}, {'draft': True}, {'warmup': 3})
+    assert (split_overrides({'num_workers': 1, 'draft': True, 'warmup': 3})
+            == ({'num_workers': 1}, {'draft': True}, {'warmup': 3}))
     with pytest.raises(TypeError, match='unknown settings'): split_overrides({'lr_max': 1})
     with pytest.raises(TypeError, match='follow the model config'): split_overrides({'context_length': 32})
 
@@ -104,7 +106,8 @@ def test_train_small_checkpoints_resumes_and_loads(tmp_path):
     _, first, path = train_small(TOY_TRAIN, tmp_path / 'cut', until=3, **run)       # a session cut short after 3 steps
     assert path == tmp_path / 'cut' / 'checkpoints' / 'latest.pt' and len(first['loss']) == 3
     assert torch.load(path, weights_only=True)['step'] == 3
-    model, resumed, path = train_small(TOY_TRAIN, tmp_path / 'cut', **run)          # the same call again: resume='latest'
+    # the same call again: resume='latest'
+    model, resumed, path = train_small(TOY_TRAIN, tmp_path / 'cut', **run)
     assert resumed['loss'][:3] == first['loss'] and len(resumed['loss']) == 4
     assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-5)             # crossing into epoch 1 included
     checkpoint = torch.load(path, weights_only=True)
@@ -116,8 +119,8 @@ def test_train_small_checkpoints_resumes_and_loads(tmp_path):
 
 
 def test_train_small_overrides_and_errors(tmp_path):
-    _, history, _ = train_small(TOY_TRAIN, tmp_path, model=TINY_CLIP, preset='cpu', steps=1, batch_size=4, num_captions=2,
-                                max_merged=1, warmup=1, progress=False)
+    _, history, _ = train_small(TOY_TRAIN, tmp_path, model=TINY_CLIP, preset='cpu', steps=1, batch_size=4,
+                                num_captions=2, max_merged=1, warmup=1, progress=False)
     ckpt = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert (ckpt['preset']['batch_size'], ckpt['preset']['num_captions'], ckpt['train_config']['warmup']) == (4, 2, 1)
     with pytest.raises(TypeError, match='unknown settings'):

@@ -54,12 +54,14 @@ def _calls(tree, owner: str, attrs) -> bool:
 
 
 JOBS = {  # what a module does -> how to see it in the source
-    'model': lambda t: any(isinstance(n, ast.ClassDef) and n.name in ('FLAIR', 'VisionTransformer', 'TextConditionedPooling')
+    'model': lambda t: any(isinstance(n, ast.ClassDef)
+                           and n.name in ('FLAIR', 'VisionTransformer', 'TextConditionedPooling')
                            for n in ast.walk(t)),
     'checkpoint I/O': lambda t: _calls(t, 'torch', ('save', 'load')),
     'losses': lambda t: any(isinstance(n, ast.ClassDef) and n.name.endswith('Loss') for n in ast.walk(t)),
-    'data reading': lambda t: any(isinstance(n, ast.ClassDef) and any(getattr(b, 'id', '') in ('IterableDataset', 'DataLoader')
-                                                                      for b in n.bases) for n in ast.walk(t)),
+    'data reading': lambda t: any(isinstance(n, ast.ClassDef)
+                                  and any(getattr(b, 'id', '') in ('IterableDataset', 'DataLoader') for b in n.bases)
+                                  for n in ast.walk(t)),
     'training loop': lambda t: any(isinstance(n, ast.ClassDef) and n.name == 'Trainer' for n in ast.walk(t)),
     'command-line parsing': lambda t: any(isinstance(n, ast.Import) and any(a.name == 'argparse' for a in n.names)
                                           for n in ast.walk(t)),
@@ -100,7 +102,8 @@ def test_list_models_and_pretrained():
     assert {(r.repo, r.model) for r in released} == {('xiaorui638/flair', 'ViT-B-16-FLAIR')}
 
 
-@pytest.mark.parametrize('old, new', [('flair_min.experiment', 'flair_min.demo'), ('flair_min.colab', 'flair_min.small_scale'),
+@pytest.mark.parametrize('old, new', [('flair_min.experiment', 'flair_min.demo'),
+                                      ('flair_min.colab', 'flair_min.small_scale'),
                                       ('flair_min.benchmarks', 'flair_min.eval_sets')])
 def test_old_modules_name_their_new_place(old, new):
     with pytest.raises(ModuleNotFoundError, match=f'is now {new}'):

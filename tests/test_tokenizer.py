@@ -3,7 +3,7 @@ import pickle, random, string
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 
-from flair_min.tokenizer import SimpleTokenizer, get_tokenizer, clean_text, pre_tokenize, bpe_merge, bytes_to_unicode, load_merges
+from flair_min.tokenizer import get_tokenizer, clean_text, pre_tokenize, bpe_merge, bytes_to_unicode, load_merges
 
 SOT, EOT = 49406, 49407
 
@@ -40,7 +40,8 @@ def naive_parts(tok):
 
 texts = st.text(alphabet=st.characters(blacklist_categories=('Cs',)), max_size=80)
 wordy = st.lists(st.sampled_from(['The', 'puppy', "isn't", 'red.', '4.5', '?.', '"quoted".', 'café', '🐶',
-                                  '&amp;', '日本', 'a', '\n', '  ', 'ladybug', '(x),', 'x'*30]), max_size=40).map(' '.join)
+                                  '&amp;', '日本', 'a', '\n', '  ', 'ladybug', '(x),', 'x'*30]),
+                 max_size=40).map(' '.join)
 
 
 @settings(max_examples=400, deadline=None)

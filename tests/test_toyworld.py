@@ -1,7 +1,6 @@
 """The toy world: determinism, masks that match the drawing, captions that split back into their
 sentences, shards that round-trip, the committed fixtures in data/toy/, and speed."""
 import io, json, tarfile, time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,10 +10,10 @@ from PIL import Image
 
 from conftest import ROOT
 from flair_min.captions import caption_pool, split_caption
-from flair_min.toyworld import (BACKGROUND_SENTENCE, COUNT_SENTENCE, EVAL_KEYS, PALETTE, POSITIONS,
-                                SHAPE_MASKS, SHAPE_NAMES, SIZES, ToyWorldConfig, eval_config, load_eval_split,
-                                make_eval_split, make_scene, object_geometry, patch_coverage, pointing_game,
+from flair_min.toyworld import (BACKGROUND_SENTENCE, COUNT_SENTENCE, EVAL_KEYS, PALETTE, SHAPE_MASKS, ToyWorldConfig,
+                                eval_config, load_eval_split, make_eval_split, make_scene, patch_coverage,
                                 save_eval_split, scene_layout, star_mask, triangle_mask, write_shards)
+from flair_min.localization import pointing_game
 from fixtures import BAD_SHARD_KINDS, write_fixtures
 
 TOY = ROOT / 'data' / 'toy'
@@ -52,7 +51,8 @@ def check_scene(scene, config):
     assert np.array_equal(scene.masks[0], ~object_masks.any(0)) and np.array_equal(scene.masks[1], object_masks.any(0))
     for obj, mask, in zip(objects, object_masks):
         assert mask.any(), obj
-        assert (scene.image[mask] == np.clip(np.add(PALETTE[obj.colour], obj.tint), 0, 255)).all(), obj                    # mask pixels carry the object's colour
+        # mask pixels carry the object's colour
+        assert (scene.image[mask] == np.clip(np.add(PALETTE[obj.colour], obj.tint), 0, 255)).all(), obj
         cell = config.image_size / 3
         row, col = divmod(obj.cell, 3)
         ys, xs = np.nonzero(mask)
@@ -71,7 +71,8 @@ def test_scenes_default_world():
 @given(size=st.sampled_from([24, 32, 48, 64, 96, 128]), lo=st.integers(1, 9), extra=st.integers(0, 8),
        seed=st.integers(0, 2**31), index=st.integers(0, 10**6), twins=st.booleans())
 def test_scenes_any_config(size, lo, extra, seed, index, twins):
-    config = ToyWorldConfig(image_size=size, min_objects=lo, max_objects=min(9, lo + extra), seed=seed, binding_twins=twins)
+    config = ToyWorldConfig(image_size=size, min_objects=lo, max_objects=min(9, lo + extra), seed=seed,
+                            binding_twins=twins)
     check_scene(make_scene(index, config), config)
 
 
@@ -110,7 +111,8 @@ def test_twins_share_the_bag_not_the_bindings():
 def test_config_errors():
     for kwargs, word in [(dict(image_size=8), 'image_size'), (dict(max_objects=10), 'max_objects'),
                          (dict(shapes=('hexagon',)), 'hexagon'), (dict(colours=()), 'colours'),
-                         (dict(colours_per_image=(3, 2)), 'colours_per_image'), (dict(image_format='webp'), 'image_format')]:
+                         (dict(colours_per_image=(3, 2)), 'colours_per_image'),
+                         (dict(image_format='webp'), 'image_format')]:
         with pytest.raises(ValueError, match=word): ToyWorldConfig(**kwargs)
     with pytest.raises(ValueError, match='negative'): make_scene(-1)
 
@@ -227,4 +229,5 @@ def test_speed():
     t0 = time.perf_counter()
     for i in range(300): make_scene(i)
     per_image = (time.perf_counter() - t0) / 300
-    assert per_image < 5e-3, f'{per_image * 1e3:.2f} ms per scene'  # about 0.5 ms on one core; generous for loaded CI machines
+    # about 0.5 ms on one core; generous for loaded CI machines
+    assert per_image < 5e-3, f'{per_image * 1e3:.2f} ms per scene'

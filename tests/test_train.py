@@ -3,7 +3,6 @@ through the optimizer, exact resume with accumulation across an epoch boundary, 
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
 processes against one, and the `flair-min train` entry point on toy-world shards."""
 import argparse, contextlib, math, socket, time, warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,14 +22,16 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
 def tiny_trainer(**knobs):
     torch.manual_seed(knobs.pop('init_seed', 0))
-    return T.Trainer(FLAIR(FlairConfig.tiny()), T.TrainConfig(**{'steps': 4, 'warmup': 1, 'lr': 1e-3, 'progress': False, **knobs}))
+    return T.Trainer(FLAIR(FlairConfig.tiny()),
+                     T.TrainConfig(**{'steps': 4, 'warmup': 1, 'lr': 1e-3, 'progress': False, **knobs}))
 
 
 class Captioned(Dataset):
     "Random images with K token rows drawn per item from a pool of 5, using the global generator (data randomness)."
     def __init__(self, n=10, k=2, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.images, self.pool, self.k = torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 1000, (n, 5, 16), generator=g), k
+        self.images, self.pool, self.k = (torch.randn(n, 3, 32, 32, generator=g),
+                                          torch.randint(1, 1000, (n, 5, 16), generator=g), k)
     def __len__(self): return len(self.images)
     def __getitem__(self, i):
         return self.images[i] + 0.1 * torch.randn(3, 32, 32), self.pool[i, torch.randint(0, 5, (self.k,))]
@@ -72,10 +73,12 @@ def test_accumulation_equals_one_big_step_through_the_optimizer():
 def test_resume_is_exact_with_accumulation_across_epochs(tmp_path):
     loader = lambda: DataLoader(Captioned(n=10), batch_size=2, shuffle=True, drop_last=True)  # 5 batches per epoch
     straight = tiny_trainer(steps=5, accum_steps=2).fit(loader())                               # 10 batches: 2 epochs
-    tiny_trainer(steps=5, accum_steps=2, out_dir=str(tmp_path), save_every=1, keep_checkpoints=True).fit(loader(), until=2)
+    tiny_trainer(steps=5, accum_steps=2, out_dir=str(tmp_path), save_every=1,
+                 keep_checkpoints=True).fit(loader(), until=2)
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert (checkpoint['step'], checkpoint['epoch'], checkpoint['batch']) == (2, 0, 4)
-    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['latest.pt', 'step_00000001.pt', 'step_00000002.pt']
+    assert (sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+            == ['latest.pt', 'step_00000001.pt', 'step_00000002.pt'])
     resumed = tiny_trainer(steps=5, accum_steps=2, out_dir=str(tmp_path), resume='latest', init_seed=7).fit(loader())
     assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
     assert resumed['lr'] == straight['lr']
@@ -105,7 +108,8 @@ def test_checkpoint_loads_with_the_released_weights_loader(tmp_path):
     path = tmp_path / 'checkpoints' / 'latest.pt'
     assert set(read_checkpoint(path)) == set(trainer.model.state_dict())        # weights_only=True, module. stripped
     model, _, _ = create_model_and_transforms('tiny', pretrained=path)
-    for (name, p), q in zip(trainer.model.state_dict().items(), model.state_dict().values()): assert torch.equal(p, q), name
+    for (name, p), q in zip(trainer.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(p, q), name
     assert FLAIR.from_state_dict(torch.load(path, weights_only=True)).config == FlairConfig.tiny()
 
 
@@ -135,7 +139,8 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, '__import__', no_tensorboard)
     with pytest.warns(UserWarning, match='tensorboard is not installed'):
-        history = tiny_trainer(steps=1, out_dir=str(tmp_path), tensorboard=True, progress=True).fit(global_batches(steps=1))
+        history = tiny_trainer(steps=1, out_dir=str(tmp_path), tensorboard=True,
+                               progress=True).fit(global_batches(steps=1))
     assert len(history['loss']) == 1
 
 
@@ -148,17 +153,21 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     "Two gloo processes (forked: no second import of torch) against one process on the concatenated batches."
     import ddp_train_worker
     context, port = torch.multiprocessing.get_context('fork'), free_port()
-    workers = [context.Process(target=ddp_train_worker.spawned, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    workers = [context.Process(target=ddp_train_worker.spawned, args=(rank, 2, port, str(tmp_path)))
+               for rank in range(2)]
     for w in workers: w.start()
     progress = lambda: [p.read_text() if p.exists() else '' for p in (tmp_path / f'rank{r}.progress' for r in range(2))]
     try:
         seen, last_change = progress(), time.monotonic()
-        while any(w.is_alive() for w in workers) and time.monotonic() - last_change < 120:   # a hang: no run done in 120 s
+        # a hang: no run done in 120 s
+        while any(w.is_alive() for w in workers) and time.monotonic() - last_change < 120:
             next(w for w in workers if w.is_alive()).join(timeout=1)
             if any(w.exitcode not in (None, 0) for w in workers): break
             if (now := progress()) != seen: seen, last_change = now, time.monotonic()
-        assert not any(w.is_alive() for w in workers), f'the two DDP processes made no progress for 120 s (last: {seen})'
-        assert [w.exitcode for w in workers] == [0, 0], f'exit codes {[w.exitcode for w in workers]}: see the traceback above'
+        assert not any(w.is_alive() for w in workers), ('the two DDP processes made no progress for 120 s '
+                                                        f'(last: {seen})')
+        assert [w.exitcode for w in workers] == [0, 0], (f'exit codes {[w.exitcode for w in workers]}: '
+                                                         'see the traceback above')
     finally:
         for w in workers:
             if w.is_alive(): w.kill(); w.join()
@@ -168,35 +177,43 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ring_losses, gather_losses = ddp['ring'][0], ddp['flair'][0]
     assert all(math.isfinite(x) for x in ring_losses) and ring_losses[0] != pytest.approx(gather_losses[0], abs=1e-4)
     for name, knobs in RUNS.items():
-        losses, weights = train_run(batches, **{**knobs, 'accum_steps': 1})   # one process, whole batches, no accumulation
+        # one process, whole batches, no accumulation
+        losses, weights = train_run(batches, **{**knobs, 'accum_steps': 1})
         assert ddp[name][0] == pytest.approx(losses, abs=1e-5), name
-        for key, value in weights.items(): torch.testing.assert_close(ddp[name][1][key], value, atol=2e-5, rtol=1e-4, msg=f'{name} {key}')
+        for key, value in weights.items():
+            torch.testing.assert_close(ddp[name][1][key], value, atol=2e-5, rtol=1e-4, msg=f'{name} {key}')
 
 
 def test_run_train_on_toy_shards(tmp_path):
     parser = add_train_arguments(argparse.ArgumentParser())
-    argv = ['--data', 'toy', '--toy-samples', '16', '--model', '{"preset": "tiny", "vocab_size": 49408}', '--batch-size', '2',
-            '--num-captions', '3', '--workers', '0', '--steps', '2', '--warmup', '1', '--accum-steps', '2', '--loss', 'mps',
-            '--out', str(tmp_path), '--no-progress', '--save-every', '1', '--keep-checkpoints']
+    argv = ['--data', 'toy', '--toy-samples', '16', '--model', '{"preset": "tiny", "vocab_size": 49408}',
+            '--batch-size', '2', '--num-captions', '3', '--workers', '0', '--steps', '2', '--warmup', '1',
+            '--accum-steps', '2', '--loss', 'mps', '--out', str(tmp_path), '--no-progress', '--save-every', '1',
+            '--keep-checkpoints']
     history = run_train(parser.parse_args(argv))
     assert len(history['loss']) == 2 and all(math.isfinite(l) for l in history['loss'])
     names = {p.name for p in tmp_path.iterdir()} | {p.name for p in (tmp_path / 'checkpoints').iterdir()}
     assert {'history.json', 'loss_curve.png', 'latest.pt', 'step_00000001.pt', 'step_00000002.pt'} <= names
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['args']['loss'] == 'mps' and checkpoint['config']['vocab_size'] == 49408
-    with pytest.raises(ValueError, match='--epochs'): total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
+    with pytest.raises(ValueError, match='--epochs'):
+        total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
 
 
-@pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(), reason='the toy world has not written data/toy yet')
+@pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(),
+                    reason='the toy world has not written data/toy yet')
 def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
-    "Stopped in epoch 1 and resumed: persistent workers have drawn epoch 0's crops, fresh ones have not; the curve is the same."
+    """Stopped in epoch 1 and resumed: persistent workers have drawn epoch 0's crops, fresh ones have not;
+    the curve is the same."""
     def run(until=None, **knobs):
-        loader = make_train_loader(str(ROOT / 'data' / 'toy' / 'toy-train-*.tar'), batch_size=4, num_workers=2, image_size=32,
-                                   context_length=16, num_captions=3, shuffle_buffer=4, seed=0)   # 2 shards x 12: 6 batches an epoch
+        # 2 shards x 12: 6 batches an epoch
+        loader = make_train_loader(str(ROOT / 'data' / 'toy' / 'toy-train-*.tar'), batch_size=4, num_workers=2,
+                                   image_size=32, context_length=16, num_captions=3, shuffle_buffer=4, seed=0)
         assert loader.persistent_workers and loader.dataset.pipeline.transform.transforms[0].scale == (0.9, 1.0)
         torch.manual_seed(knobs.pop('init_seed', 0))
         model = FLAIR(FlairConfig(**{**vars(FlairConfig.tiny()), 'vocab_size': 49408}))
-        return T.Trainer(model, T.TrainConfig(steps=9, warmup=1, lr=1e-3, progress=False, **knobs)).fit(loader, until=until)
+        return T.Trainer(model, T.TrainConfig(steps=9, warmup=1, lr=1e-3, progress=False,
+                                              **knobs)).fit(loader, until=until)
     straight = run()
     run(until=8, out_dir=str(tmp_path))                                            # stops at batch 2 of epoch 1
     assert torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)['epoch'] == 1
