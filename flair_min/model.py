@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['MODEL_CONFIGS', 'OPENAI_DATASET_MEAN', 'OPENAI_DATASET_STD', 'PRECISIONS', 'FlairConfig', 'list_models', 'LayerNorm',
            'MLP', 'Attention', 'ResidualAttentionBlock', 'Transformer', 'VisionTransformer', 'init_transformer_',
-           'TextTransformer', 'Projection', 'TextConditionedPooling', 'FLAIR', 'check_pool_inputs', 'convert_to_rgb',
-           'image_transform', 'check_precision', 'resolve_precision', 'autocast']
+           'TextTransformer', 'trim_to_last_eot', 'Projection', 'TextConditionedPooling', 'FLAIR', 'check_pool_inputs',
+           'convert_to_rgb', 'image_transform', 'check_precision', 'resolve_precision', 'autocast']
 
 # %% ../nbs/02_model.ipynb #f83df63c
 import contextlib, dataclasses, json, math, warnings
@@ -132,8 +132,8 @@ class Attention(nn.Module):
         if self.add_zero_attn: k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))      # (B, h, L+1, d)
         return q, k, v
 
-    def forward(self, x_q, x_k, x_v, causal: bool = False, need_weights: bool = False):
-        "Attention output (B, N, width) and, if `need_weights`, the per-head weights (B, h, N, L(+1))."
+    def forward(self, x_q, x_k, x_v, causal: bool = False, need_weights: bool = False, mask=None):
+        "Output (B, N, width) [, per-head weights (B, h, N, L(+1))]; `mask` (B, 1, N, L): True where a query may look."
         q, k, v = self.project(x_q, x_k, x_v)
         weights = None
         if need_weights:
@@ -142,7 +142,7 @@ class Attention(nn.Module):
             weights = scores.softmax(-1)
             out = weights @ v                                                                    # (B, h, N, d)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                     # (B, h, N, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)     # (B, h, N, d)
         return self.out_proj(out.transpose(1, 2).flatten(2)), weights                            # (B, N, width)
 
 # %% ../nbs/02_model.ipynb #771f78cf
@@ -158,6 +158,13 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(h, h, h, causal=causal)[0]
         return x + self.mlp(self.ln_2(x))
 
+    def forward_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        "The causal block's output at one position per row, (B, width): keys and values from all of x (B, T, width)."
+        rows, h = torch.arange(len(x), device=x.device), self.ln_1(x)                 # h: (B, T, width)
+        mask = torch.arange(x.shape[1], device=x.device) <= positions[:, None]        # (B, T): what each may see
+        y = x[rows, positions][:, None] + self.attn(h[rows, positions][:, None], h, h, mask=mask[:, None, None])[0]
+        return (y + self.mlp(self.ln_2(y)))[:, 0]                                      # (B, width)
+
 class Transformer(nn.Module):
     "A stack of `layers` pre-norm blocks on (B, T, width) tensors, with optional gradient checkpointing."
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
@@ -165,8 +172,9 @@ class Transformer(nn.Module):
         self.width, self.grad_checkpointing = width, False
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, blocks: slice = slice(None)) -> torch.Tensor:
+        "Run the blocks (all, or a slice of them) on x (B, T, width)."
+        for block in self.resblocks[blocks]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:
@@ -225,17 +233,33 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02); nn.init.normal_(self.positional_embedding, std=0.01)
         init_transformer_(self.transformer)
 
-    def encode_text(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Tower output before any projection: (global_text_token (N, width), local_text_tokens (N, T, width))."
+    def _check_texts(self, texts: torch.Tensor):
         if texts.dim() != 2 or texts.is_floating_point() or texts.shape[1] > self.context_length:
             raise ValueError("texts: expected integer token ids of shape (N, T) "
                              f"with T <= context_length={self.context_length}, "
                              f"got {texts.dtype} {tuple(texts.shape)}")
+
+    def encode_text(self, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "Tower output before any projection: (global_text_token (N, width), local_text_tokens (N, T, width))."
+        self._check_texts(texts)
         x = self.token_embedding(texts) + self.positional_embedding[:texts.shape[1]]  # (N, T, width)
         x = self.ln_final(self.transformer(x, causal=True))                           # (N, T, width)
         return x[torch.arange(x.shape[0], device=x.device), texts.argmax(dim=-1)], x   # (N, width), (N, T, width)
 
+    def global_tokens(self, texts: torch.Tensor) -> torch.Tensor:
+        "encode_text's global token (N, width) alone: the last block runs only at each text's end-of-text."
+        self._check_texts(texts)
+        eot = texts.argmax(dim=-1)                                                    # (N,) end-of-text positions
+        x = self.token_embedding(texts) + self.positional_embedding[:texts.shape[1]]  # (N, T, width)
+        x = self.transformer(x, causal=True, blocks=slice(-1))                        # all blocks but the last
+        return self.ln_final(self.transformer.resblocks[-1].forward_at(x, eot))       # (N, width)
+
     def forward(self, texts: torch.Tensor): return self.encode_text(texts)
+
+def trim_to_last_eot(texts: torch.Tensor) -> torch.Tensor:
+    "Token ids (N, T) cut after the last column that holds any row's end-of-text (its largest id): exact, see below."
+    if texts.dim() != 2 or not texts.numel(): return texts
+    return texts[:, :int(texts.argmax(dim=-1).max()) + 1]                        # (N, T') with T' <= T
 
 # %% ../nbs/02_model.ipynb #325a8f4b
 class Projection(nn.Module):
@@ -284,9 +308,13 @@ class FLAIR(TextTransformer):
         global_token, local_tokens = self.encode_image(images)
         return self.image_post(global_token), self.image_post(local_tokens)
 
-    def embed_text(self, texts: torch.Tensor) -> torch.Tensor:
-        "Projected global text embeddings (not normalised): (N, D)."
-        return self.text_post(self.encode_text(texts)[0])
+    def embed_text(self, texts: torch.Tensor, bucket_size: int = 64) -> torch.Tensor:
+        "Projected global text embeddings (not normalised): (N, D); texts run in length buckets, each trimmed."
+        if texts.dim() != 2 or len(texts) <= bucket_size:
+            return self.text_post(self.global_tokens(trim_to_last_eot(texts)))
+        order = texts.argmax(dim=-1).argsort()                                     # (N,) by end-of-text position
+        parts = [self.global_tokens(trim_to_last_eot(texts[idx])) for idx in order.split(bucket_size)]
+        return self.text_post(torch.cat(parts)[order.argsort()])                   # (N, D) in the input order
 
     def pool(self, text_emb: torch.Tensor, local: torch.Tensor, return_attention: bool = False):
         "Each text pools each image: text_emb (N, D) or (B, N, D), local (B, L, D) → (B, N, D) [, weights (B, N, L+1)]."

@@ -8,9 +8,9 @@ from math import comb, sqrt
 import pytest, torch
 from scipy import stats
 
-from flair_min.captions import (DREAMLIP_FIELDS, TokenizedPool, caption_pool, is_assemblable, make_rng, pad_rows,
-                                sample_subcaption_indices, sample_subcaption_tokens, sample_subcaptions,
-                                split_caption, subcaption_ids, tokenize_pool)
+from flair_min.captions import (DREAMLIP_FIELDS, TokenizedPool, caption_pool, is_assemblable, is_blank_sentence,
+                                make_rng, pad_rows, sample_subcaption_indices, sample_subcaption_tokens,
+                                sample_subcaptions, split_caption, subcaption_ids, tokenize_pool)
 from flair_min.tokenizer import get_tokenizer
 
 P_REJECT = 1e-4   # a chi-square p-value below this rejects the sampler
@@ -53,7 +53,7 @@ def test_pool_dreamlip_order_and_missing_fields():
 def test_pool_strings_lists_and_pixelprose():
     assert (caption_pool({'longSV_captions': 'One. Two\nThree', 'raw_caption': ('alt',)})
             == ['alt', 'One', 'Two', 'Three'])
-    assert caption_pool({'raw_caption': [' kept as is ', '']}) == [' kept as is ', '']   # lists are not cleaned
+    assert caption_pool({'raw_caption': [' kept as is ', '']}) == [' kept as is ']   # not stripped; blanks dropped
     assert caption_pool({'caption': 'A cat. 2.5 cats</s>Sleeps', 'url': 'x'}) == ['A cat', '2', '5 cats', 'Sleeps']
     assert caption_pool({'raw_caption': ['dreamlip wins'], 'caption': 'ignored'}) == ['dreamlip wins']
 
@@ -70,10 +70,23 @@ def test_pool_strings_lists_and_pixelprose():
     ({'raw_caption': [], 'shortSV_captions': ' . '}, 'no non-blank sentence'),
     ({'caption': ''}, "['caption'] hold no non-blank sentence"),
     ({'raw_caption': ['  ', '']}, 'no non-blank sentence'),
+    ({'raw_caption': ['...', ' ']}, "['raw_caption'] hold no non-blank sentence (only whitespace and punctuation)"),
+    ({'raw_caption': ['?!', '\n'], 'longSV_captions': ' . ', 'longLLA_captions': ('—', '')}, 'no non-blank sentence'),
+    ({'caption': '!!. ?'}, 'no non-blank sentence'),
 ])
 def test_pool_errors_name_the_problem(record, message):
     with pytest.raises(ValueError) as err: caption_pool(record)
     assert message in str(err.value), str(err.value)
+
+
+def test_blank_sentences_are_dropped_from_lists_as_from_strings():
+    "A list entry of only whitespace and punctuation is dropped, as split_caption drops the empty pieces of a string."
+    assert all(map(is_blank_sentence, ['', ' ...\t', '?!—', '\x00']))
+    assert not any(map(is_blank_sentence, ['a', ' 3 ', '🐶', '...a']))
+    record = {'raw_caption': ['...', ' ', 'A cat'], 'longIB_captions': ['?!'], 'longSV_captions': 'It sleeps. ?! .'}
+    assert caption_pool(record) == ['A cat', 'It sleeps']
+    assert caption_pool({'raw_caption': ['...', ' '], 'longIB_captions': 'A dog'}) == ['A dog']
+    assert caption_pool({'raw_caption': [' a ', ' (b) ']}) == [' a ', ' (b) ']   # sentences with text stay as they are
 
 
 # ---------------------------------------------------------------- the rng contract

@@ -11,8 +11,9 @@ from PIL import Image
 
 from conftest import ROOT
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
-from flair_min.data import (SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, load_table, make_pipeline,
-                            make_train_loader, source_kind, tar_samples, write_shard)
+from flair_min.data import (DROPPED, SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, is_blank,
+                            load_table, make_pipeline, make_train_loader, sentence_pool, source_kind, tar_samples,
+                            write_shard)
 from flair_min.cc3m import cc3m_recap_loader
 from flair_min.model import image_transform
 from flair_min.tokenizer import get_tokenizer
@@ -199,6 +200,7 @@ def test_table_sources(tmp_path):
     assert sum(len(images) for images, _ in loader) == 4                        # 5 good rows, per-worker drop_last
     # an empty CSV cell is a missing value
     assert loader.skipped()['corrupt_image'] == 1 and loader.skipped()['no_caption'] == 1
+    assert loader.counts()['ok'] == 4 and loader.counts()[DROPPED] == 1             # the odd one, not trained on
     import pandas as pd
     frame = pd.DataFrame({'image': [{'bytes': photo(i), 'path': f'{i}.jpg'} for i in range(3)] + [None],
                           'longSV_captions': [['one', 'two']] * 3 + [['three']], 'raw_caption': ['r', None, 'r', 'r']})
@@ -262,3 +264,91 @@ def test_training_converts_to_rgb_before_the_crop(mode):
     assert torch.equal(pixels, seeded(transform, seed, decoded.convert('RGB')))
     if mode in ('P', 'RGBA'):   # the order changes the pixels: palettes resize nearest-neighbour, RGBA with its alpha
         assert not torch.equal(pixels, seeded(transform, seed, decoded))
+
+
+# ---------------------------------------------------------------- bad input: clear errors, honest counts
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_partial_batches_dropped_are_counted_not_kept(shards, num_workers):
+    "drop_last throws away each process's last partial batch: those samples are 'dropped', not 'ok', and not skips."
+    loader = make_train_loader(shards['urls'], batch_size=4, num_workers=num_workers, with_keys=True, **SMALL)
+    delivered = read = 0
+    for epoch in range(2):
+        delivered += len(keys_of(loader))
+        read += len(shards['keys']) + len(SKIP_KINDS)                           # good samples + one of each bad kind
+        counts = loader.counts()
+        assert counts['ok'] == delivered and delivered % 4 == 0                 # ok: what training received
+        assert counts['ok'] + counts[DROPPED] + sum(loader.skipped().values()) == read
+    assert counts[DROPPED] == 2 * len(shards['keys']) - delivered > 0
+    assert loader.skipped() == {kind: 2 for kind in SKIP_KINDS}                 # dropped samples are not skips
+    assert f'dropped {counts[DROPPED]} in partial batches' in loader.skip_report()
+
+
+def test_epoch_report_is_a_warning_when_samples_were_skipped(shards, caplog):
+    with caplog.at_level(logging.INFO, logger='flair_min.data'):
+        list(make_train_loader(str(shards['dir'] / 'part-3.tar'), batch_size=1, num_workers=0, **SMALL))
+        list(make_train_loader(str(shards['dir'] / 'part-0.tar'), batch_size=1, num_workers=0, **SMALL))
+    reports = [r for r in caplog.records if 'data epoch 0 done' in r.getMessage()]
+    assert [r.levelno for r in reports] == [logging.WARNING, logging.INFO]
+    bad = reports[0].getMessage()
+    assert all(f'{kind} 1' in bad for kind in SKIP_KINDS if kind != 'bad_shard'), bad
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('num_captions', 0, 'DataConfig.num_captions=0: expected an int >= 1'),
+    ('batch_size', 0, 'DataConfig.batch_size=0: expected an int >= 1'),
+    ('max_merged', 0, 'DataConfig.max_merged=0: expected an int >= 1'),
+    ('num_workers', -1, 'DataConfig.num_workers=-1: expected an int >= 0'),
+    ('image_size', 0, 'DataConfig.image_size=0: expected an int >= 1'),
+    ('context_length', 1, 'DataConfig.context_length=1: expected an int >= 2 (room for SOT and EOT)'),
+    ('context_length', 0, 'DataConfig.context_length=0: expected an int >= 2'),
+    ('batch_size', 2.5, 'DataConfig.batch_size=2.5: expected an int'),
+    ('num_samples', 0, 'DataConfig.num_samples=0: expected an int >= 1')])
+def test_data_config_is_checked_in_the_main_process(shards, field, value, message):
+    with pytest.raises(ValueError) as err: DataConfig(**{field: value})
+    assert message in str(err.value)
+    with pytest.raises(ValueError) as err: make_train_loader(shards['urls'], **({'num_workers': 2} | {field: value}))
+    assert message in str(err.value)                                            # before any worker starts
+
+
+def test_pipeline_numbers_are_checked_where_it_is_made():
+    with pytest.raises(ValueError, match='num_captions=0: expected an int >= 1'): make_pipeline(32, num_captions=0)
+    with pytest.raises(ValueError, match='max_merged=0'): make_pipeline(32, max_merged=0)
+    with pytest.raises(ValueError, match='context_length=1: expected an int >= 2'): make_pipeline(32, context_length=1)
+
+
+@pytest.mark.parametrize('content', [{}, {'notes.txt': 'hello'}, {'metadata.jsonl': '{"file_name": "a.jpg"}\n'},
+                                     {'metadata.csv': 'file_name,caption\n'}])
+def test_a_folder_without_images_says_what_was_looked_for(tmp_path, content):
+    folder = tmp_path / 'my_data'; folder.mkdir()
+    for name, text in content.items(): (folder / name).write_text(text)
+    for load in (lambda: load_table(folder, cache_dir=str(tmp_path / 'cache')), lambda: make_train_loader(folder)):
+        with pytest.raises(ValueError) as err: load()
+        text = str(err.value)
+        assert f"no training data in folder '{folder}'" in text and 'found no image files' in text, text
+        assert 'metadata.jsonl or metadata.csv' in text and '*.parquet' in text and 'Instruction' not in text
+
+
+def test_an_image_in_a_subfolder_is_enough(tmp_path):
+    (tmp_path / 'my_data' / 'part').mkdir(parents=True)
+    (tmp_path / 'my_data' / 'part' / '0.jpg').write_bytes(photo(0))
+    (tmp_path / 'my_data' / 'metadata.jsonl').write_text('{"file_name": "part/0.jpg", "caption": "A square."}\n')
+    assert len(load_table(tmp_path / 'my_data', cache_dir=str(tmp_path / 'cache'))) == 1
+
+
+def test_lists_of_blank_sentences_are_empty_captions(tmp_path):
+    "A DreamLIP list of only blanks and punctuation is as empty as the string ' . . ': skipped and counted."
+    assert is_blank(['...', ' ']) and is_blank(' . .') and not is_blank(['...', 'a cat'])
+    assert sentence_pool({'raw_caption': ['...', ' '], 'longIB_captions': ['A cat', ' ?! ']}) == ['A cat']
+    blank = {'raw_caption': ['...', ' '], 'longIB_captions': [' ?! ', ''], 'longSV_captions': ' . '}
+    samples = [*good(0, 2), {'__key__': 'blank', 'jpg': photo(), 'json': blank},
+               {'__key__': 'dots', 'jpg': photo(), 'json': {'longLLA_captions': ['...']}}, *good(2, 1)]
+    write_shard(tmp_path / 'blank.tar', samples)
+    loader = make_train_loader(str(tmp_path / 'blank.tar'), batch_size=1, num_workers=0, with_keys=True, **SMALL)
+    assert sorted(keys_of(loader)) == ['00000', '00001', '00002']
+    assert {k: v for k, v in loader.skipped().items() if v} == {'empty_caption': 2}
+    tok = get_tokenizer(context_length=SMALL['context_length'])
+    pipeline = make_pipeline(32, num_captions=16, context_length=16)
+    raw = {'jpg': photo(), 'json': json.dumps({'raw_caption': ['...', 'A cat', ' ']}).encode()}
+    _, tokens = pipeline(raw, random.Random(0))
+    assert {tok.decode(row) for row in tokens} <= {'a cat', 'a cat . a cat', 'a cat . a cat . a cat'}

@@ -69,7 +69,9 @@ def test_arguments():
     with pytest.raises(ValueError, match='batch_size=64 is larger than train_scenes=32'):
         demo_config(vars(parser.parse_args(['--batch-size', '64', '--train-scenes', '32'])))
     with pytest.raises(ValueError, match='steps=0'):
-        demo_config(vars(parser.parse_args(['--steps', '0'])))
+        demo_config({'steps': 0})
+    with pytest.raises(SystemExit):                                  # the command line refuses it when parsing
+        parser.parse_args(['--steps', '0'])
     assert demo_config(vars(parser.parse_args(['--long', '--seed', '2']))) == DemoConfig.long(seed=2)
     long = DemoConfig.long()
     assert (long.image_size, long.patch_size, long.steps, long.warmup, long.batch_size) == (48, 16, 3200, 200, 32)

@@ -195,3 +195,80 @@ def test_eval_split_and_image_size_options(eval_setup, capsys):
     assert results['num_images'] == 5 and results['split'] is None
     with pytest.raises(ValueError, match='only flickr30k'):
         run_eval(parser.parse_args(['--dataset', 'coco', '--split', 'test', *common]))
+
+
+GOOD_ENTRY = {'image_id': 3, 'image': 'a.jpg', 'caption': 'A cat.'}
+NO_CAPTION = {'image_id': 3, 'image': 'a.jpg'}
+BAD_FILES = {  # reader -> (annotation file, an empty one, one whose entry lacks its caption, what that error names)
+    'coco': ('annotations/captions_val2017.json', {'images': [{'id': 3, 'file_name': 'a.jpg'}], 'annotations': []},
+             {'images': [{'id': 3, 'file_name': 'a.jpg'}], 'annotations': [{'image_id': 3, 'id': 9}]},
+             "annotations[0] (id 9) has no 'caption'"),
+    'flickr30k': ('flickr30k_val.json', [], [{'image': 'f/1.jpg', 'caption': ['x']}, {'image': 'f/2.jpg'}],
+                  "entry 1 (image 'f/2.jpg') has no 'caption'"),
+    'docci': ('annotations/test_annotations.json', {'annotations': []},
+              {'annotations': [GOOD_ENTRY, NO_CAPTION]}, "annotations[1] (image_id 3) has no 'caption'"),
+    'iiw': ('test_annotations.json', {'annotations': []}, {'annotations': [NO_CAPTION]},
+            "annotations[0] (image_id 3) has no 'caption'"),
+    'urban1k': ('annotations/annotations.json', {'annotations': []}, {'annotations': [NO_CAPTION]},
+                "annotations[0] (image_id 3) has no 'caption'"),
+    'dci': ('densely_captioned_images/splits.json', {'train': [], 'valid': [], 'test': []}, {'test': ['a.json']},
+            "a.json: the annotation of image 0 has no 'extra_caption'"),
+    'sharegpt4v-1k': ('share4v_sam_10k.json', [],
+                      [{'image': 'sam/sa_1.jpg', 'conversations': [{'from': 'human', 'value': 'Describe it.'}]}],
+                      "entry 0 (image 'sam/sa_1.jpg'): 'conversations' is a list of 1, "
+                      "expected a question and an answer"),
+}
+
+
+def read_broken(name, root):
+    "The benchmark `name` read from `root` (ShareGPT4V: its first entry only, so that a one-entry file is enough)."
+    if name.startswith('sharegpt4v'): return read_sharegpt4v(root, 1)
+    return read_benchmark(name, root, check_images=False)
+
+
+def write_broken(tmp_path, relative, content):
+    path = tmp_path / relative; path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize('name', BAD_FILES)
+def test_malformed_json_names_the_file_and_the_layout(tmp_path, name):
+    path = write_broken(tmp_path, BAD_FILES[name][0], '{"annotations": [{"image_id": 1, ')
+    with pytest.raises(ValueError, match='not valid JSON') as error: read_broken(name, tmp_path)
+    assert str(path) in str(error.value) and 'Expected layout:\n<root>/' in str(error.value)
+
+
+@pytest.mark.parametrize('name', BAD_FILES)
+def test_empty_annotation_list_names_the_file(tmp_path, name):
+    path = write_broken(tmp_path, BAD_FILES[name][0], BAD_FILES[name][1])
+    with pytest.raises(ValueError, match='is empty|name no annotation files') as error: read_broken(name, tmp_path)
+    assert str(path) in str(error.value) and 'Expected layout' in str(error.value)
+
+
+@pytest.mark.parametrize('name', BAD_FILES)
+def test_entry_without_caption_names_the_file_and_the_entry(tmp_path, name):
+    relative, _, content, expected = BAD_FILES[name]
+    path = write_broken(tmp_path, relative, content)
+    if name == 'dci':   # the caption lives in the image's own annotation file
+        path = write_broken(tmp_path, 'densely_captioned_images/annotations/a.json',
+                            {'image': 'sa_1.jpg', 'short_caption': 'A wall.'})
+    with pytest.raises(ValueError) as error: read_broken(name, tmp_path)
+    assert str(path) in str(error.value) and expected in str(error.value) and 'Expected layout' in str(error.value)
+
+
+def test_wrong_kinds_of_values_are_named(tmp_path):
+    write_broken(tmp_path, 'annotations/annotations.json', {'annotations': [{**GOOD_ENTRY, 'caption': None}]})
+    with pytest.raises(ValueError, match=r"annotations\[0\] \(image_id 3\): 'caption' is null, expected a string"):
+        read_urban1k(tmp_path)
+    write_broken(tmp_path, 'annotations/annotations.json', [GOOD_ENTRY])
+    with pytest.raises(ValueError, match="expected an object with a list under 'annotations', got a list of 1"):
+        read_urban1k(tmp_path)
+    write_broken(tmp_path, 'flickr30k_val.json', [{'image': 'f/1.jpg', 'caption': 'one string'}])
+    with pytest.raises(ValueError, match=r"entry 0 \(image 'f/1.jpg'\): 'caption' is a string 'one string', "
+                                         r"expected a list"):
+        read_flickr30k(tmp_path)
+    write_broken(tmp_path, 'annotations/captions_val2017.json',
+                 {'images': [{'id': 1, 'file_name': 'a.jpg'}], 'annotations': [{'image_id': 2, 'caption': 'x'}]})
+    with pytest.raises(ValueError, match="no annotation's image_id is the id of an entry of 'images'"):
+        read_coco(tmp_path)

@@ -210,3 +210,24 @@ def test_train_preprocessing(text_vectors):
     torch.manual_seed(0); a = tf(reference_images(text_vectors)[0])
     torch.manual_seed(0); b = tf(reference_images(text_vectors)[0])
     torch.testing.assert_close(a, b)
+
+
+def test_length_buckets_are_exact(flair_tiny):
+    "embed_text's length buckets (each trimmed to its longest end-of-text) give the untrimmed values and gradients."
+    g = torch.Generator().manual_seed(0)
+    texts = torch.zeros(40, 16, dtype=torch.long)
+    for row, n in zip(texts, torch.randint(1, 14, (40,), generator=g).tolist()):        # [SOT, n ids, EOT, 0 ...]
+        row[0], row[n + 1], row[1:n + 1] = 998, 999, torch.randint(1, 998, (n,), generator=g)
+    results = []
+    for bucket_size in (None, 7, 64):
+        model = FLAIR.from_state_dict(flair_tiny['state_dict'])
+        emb = (model.text_post(model.encode_text(texts)[0]) if bucket_size is None
+               else model.embed_text(texts, bucket_size=bucket_size))                    # None: every position
+        (emb.square().sum()).backward()
+        results.append((emb.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), *others = results
+    for emb, grads in others:
+        torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
+        assert set(grads) == set(ref_grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5 * ref_grads[name].abs().max().item(), rtol=1e-4)

@@ -117,8 +117,10 @@ def test_broken_files(flair_tiny, tmp_path):
              else read_checkpoint(tmp_path / name))
 
 
-def test_pickle_refused_by_weights_only(flair_tiny, tmp_path):
-    torch.save({'state_dict': flair_tiny['state_dict'], 'args': argparse.Namespace(lr=5e-4)}, tmp_path / 'objects.pt')
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_pickle_refused_by_weights_only(flair_tiny, tmp_path, zip_format):
+    torch.save({'state_dict': flair_tiny['state_dict'], 'args': argparse.Namespace(lr=5e-4)}, tmp_path / 'objects.pt',
+               _use_new_zipfile_serialization=zip_format)
     with pytest.raises(ValueError, match='refused to unpickle') as e:
         create_model('tiny', pretrained=tmp_path / 'objects.pt')
     assert 'argparse.Namespace' in str(e.value) and 'weights_only=False' in str(e.value)

@@ -1,8 +1,9 @@
 """Properties of the training loop (nbs/08_train.ipynb) beyond the notebook's own checks: exact accumulation
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
-processes against one, and the `flair-min train` entry point on toy-world shards."""
-import argparse, contextlib, math, socket, time, warnings
+processes against one, and the `flair-min train` entry point on toy-world shards; and bad input: knobs out of
+range, a resume with another length, Ctrl-C, an unwritable out_dir, a corrupt latest.pt, stale temporaries."""
+import argparse, contextlib, math, os, signal, socket, subprocess, time, warnings
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from flair_min.model import FLAIR, FlairConfig
 from flair_min import train as T
 from flair_min.cli import add_train_arguments, run_train, total_steps
 from flair_min.model import autocast
-from ddp_train_worker import RUNS, global_batches, train_run
+from flair_min.losses import make_loss
+from ddp_train_worker import RUNS, global_batches, micro_batches, train_run
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
@@ -219,3 +221,177 @@ def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
     assert torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)['epoch'] == 1
     resumed = run(out_dir=str(tmp_path), resume='latest', init_seed=7)
     assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
+
+
+@pytest.mark.parametrize('knob, value, expected', [
+    ('grad_clip_norm', -1, 'grad_clip_norm=-1: expected a gradient norm > 0 to clip to, or None (no clipping)'),
+    ('grad_clip_norm', 0, 'grad_clip_norm=0: expected a gradient norm > 0'),
+    ('save_every', 0, 'save_every=0: expected a number of steps >= 1, or None'),
+    ('save_every', -5, 'save_every=-5'), ('lr', 0, 'lr=0: expected a learning rate > 0'), ('lr', -1e-3, 'lr=-0.001'),
+    ('lr', float('nan'), 'lr=nan'), ('eps', 0, 'eps=0: expected a number > 0'),
+    ('weight_decay', -0.5, 'weight_decay=-0.5: expected a number >= 0'),
+    ('betas', (0.9, 1.0), 'betas=(0.9, 1.0): expected two numbers in [0, 1)'), ('betas', (-0.1, 0.9), 'betas='),
+    ('betas', (0.9,), 'betas=(0.9,)'), ('betas', 0.9, 'betas=0.9'), ('eval_every', 0, 'eval_every=0'),
+    ('loss_chunk_size', 0, 'loss_chunk_size=0: expected a number of images >= 1, or None'),
+    ('steps', 0, 'steps=0'), ('warmup', -1, 'warmup=-1'), ('lr', '1e-3', "lr='1e-3'")])
+def test_knobs_out_of_range_are_refused(knob, value, expected):
+    with pytest.raises(ValueError) as e:
+        T.TrainConfig(**{knob: value})
+    assert expected in str(e.value)
+
+
+def test_optional_knobs_accept_none_and_their_smallest_values():
+    for value in (None, 1):
+        T.TrainConfig(save_every=value, eval_every=value, loss_chunk_size=value, grad_clip_norm=value)
+    T.TrainConfig(weight_decay=0, betas=(0, 0.5), warmup=0)
+
+
+def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
+    tiny_trainer(steps=3, warmup=1, out_dir=str(tmp_path)).fit(global_batches(steps=3))
+    with pytest.warns(UserWarning, match=r'a run of 3 steps \(warm-up 1\) with steps=6.*rebuilt for 6 steps'):
+        history = tiny_trainer(steps=6, warmup=1, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=6))
+    assert history['step'] == [1, 2, 3, 4, 5, 6]
+    assert all(lr > 0 for lr in history['lr'][3:]), history['lr']
+    assert history['lr'][3:] == pytest.approx([1e-3 * T.warmup_cosine(s, 1, 6) for s in range(3, 6)], abs=1e-15)
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert checkpoint['scheduler']['lr_lambdas'][0] == {'warmup': 1, 'steps': 6}   # a later resume keeps it
+
+
+def test_resume_with_the_same_length_says_nothing(tmp_path):
+    tiny_trainer(steps=4, out_dir=str(tmp_path)).fit(global_batches(steps=4), until=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        tiny_trainer(steps=4, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=4))
+
+
+class CtrlCAfter:
+    "The batches, with a KeyboardInterrupt (a Ctrl-C while the loader fetches data) in place of batch n."
+    def __init__(self, batches, n): self.batches, self.n = batches, n
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.n: raise KeyboardInterrupt
+            yield batch
+
+
+@pytest.mark.parametrize('accum_steps, n, step, batch', [(1, 2, 2, 2), (2, 3, 1, 2)])
+def test_ctrl_c_in_the_loader_saves_and_resume_goes_on(tmp_path, capsys, accum_steps, n, step, batch):
+    "Interrupted after n loader batches; with accumulation, in the middle of drawing a step's micro-batches."
+    batches = micro_batches(global_batches(steps=4), accum_steps)
+    straight = tiny_trainer(accum_steps=accum_steps).fit(batches)
+    trainer = tiny_trainer(accum_steps=accum_steps, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(CtrlCAfter(batches, n))
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    checkpoint = torch.load(latest, weights_only=True)
+    assert (checkpoint['step'], checkpoint['batch'], len(checkpoint['history']['loss'])) == (step, batch, step)
+    assert f"interrupted after step {step}: saved {latest}; continue with resume='latest'" in capsys.readouterr().out
+    resumed = tiny_trainer(accum_steps=accum_steps, out_dir=str(tmp_path), resume='latest', init_seed=7).fit(batches)
+    assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
+
+
+def test_ctrl_c_without_out_dir_says_nothing_was_saved(capsys):
+    with pytest.raises(KeyboardInterrupt):
+        tiny_trainer().fit(CtrlCAfter(global_batches(steps=4), 1))
+    assert 'interrupted after step 1: nothing saved (no out_dir)' in capsys.readouterr().out
+
+
+def sigint_during_step(at_call: int, times: int):
+    "A FLAIR loss that sends this process `times` SIGINTs (Ctrl-C) during its `at_call`-th call."
+    flair, calls = make_loss('flair', 2), []
+    def loss(generator=None, **out):
+        calls.append(1)
+        for _ in range(times if len(calls) == at_call else 0):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)   # the handler runs here
+        return flair(**out, generator=generator)
+    return loss
+
+
+@pytest.fixture
+def default_sigint():
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT has a handler of someone else's here")
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the trainer gave it back
+
+
+def test_ctrl_c_during_a_step_finishes_the_step_then_saves(tmp_path, capsys, default_sigint):
+    trainer = tiny_trainer(out_dir=str(tmp_path), loss=sigint_during_step(at_call=2, times=1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(global_batches(steps=4))
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert checkpoint['step'] == 2 and len(checkpoint['history']['loss']) == 2 and checkpoint['batch'] == 2
+    out = capsys.readouterr().out
+    assert 'Ctrl-C: finishing this step' in out and 'interrupted after step 2: saved' in out
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, capsys, default_sigint):
+    trainer = tiny_trainer(out_dir=str(tmp_path), loss=sigint_during_step(at_call=2, times=2))
+    with pytest.raises(T.UnsavedInterrupt):
+        trainer.fit(global_batches(steps=4))
+    assert not (tmp_path / 'checkpoints' / 'latest.pt').exists()
+    assert 'stopped in the middle of a step: nothing saved' in capsys.readouterr().out
+
+
+def test_out_dir_that_is_a_file_fails_when_the_trainer_is_built(tmp_path):
+    (tmp_path / 'run').write_text('a file')
+    with pytest.raises(NotADirectoryError, match=r"out_dir='.*run' is a file; expected a folder"):
+        tiny_trainer(out_dir=str(tmp_path / 'run'))
+    (tmp_path / 'run2').mkdir(); (tmp_path / 'run2' / 'checkpoints').write_text('a file where the folder goes')
+    with pytest.raises(OSError, match=r"out_dir='.*run2': cannot write in .*checkpoints"):
+        tiny_trainer(out_dir=str(tmp_path / 'run2'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run', 'run2']
+
+
+def test_out_dir_without_write_permission_fails_when_the_trainer_is_built(tmp_path):
+    locked = tmp_path / 'locked'
+    locked.mkdir(); locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK): pytest.skip('permission bits are not enforced here (running as root)')
+        with pytest.raises(PermissionError, match=r"out_dir='.*locked': cannot write in"):
+            tiny_trainer(out_dir=str(locked))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_corrupt_latest_checkpoint_is_named_on_resume(tmp_path):
+    tiny_trainer(steps=1, out_dir=str(tmp_path)).fit(global_batches(steps=1))
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    latest.write_bytes(latest.read_bytes()[:latest.stat().st_size // 2])
+    with pytest.raises(ValueError) as e:
+        tiny_trainer(steps=2, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=2))
+    message = str(e.value)
+    assert f'{latest} looks truncated or corrupted' in message
+    assert 'delete it to start afresh, or resume from another checkpoint' in message
+
+
+def test_stale_temporaries_are_removed_when_a_trainer_starts(tmp_path, capsys):
+    folder = tmp_path / 'checkpoints'
+    folder.mkdir()
+    finished = subprocess.Popen(['true'])
+    finished.wait()                                                   # its pid runs no more
+    stale = folder / f'.latest.pt.{finished.pid}.tmp'
+    live = folder / f'.step_00000001.pt.{os.getpid()}.tmp'             # a write of a running process
+    unrelated = folder / 'notes.tmp'
+    for path in (stale, live, unrelated): path.write_bytes(b'\0' * 1000)
+    trainer = tiny_trainer(steps=1, out_dir=str(tmp_path))
+    assert not stale.exists() and live.exists() and unrelated.exists()
+    assert f'removed 1 temporary file(s) left in {folder}' in capsys.readouterr().out
+    trainer.fit(global_batches(steps=1))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, unrelated.name, 'latest.pt'])
+
+
+def test_fused_adamw_takes_the_same_steps():
+    "The fused AdamW kernel (the default) and the plain one move the weights the same way, to rounding."
+    states = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = FLAIR(FlairConfig.tiny())
+        # eps=1e-4: gradients that are zero in exact arithmetic (key biases) differ in round-off between the two
+        # kernels, and Adam with eps=1e-8 would turn that round-off into full-size updates (as in ddp_train_worker)
+        trainer = T.Trainer(model, T.TrainConfig(steps=3, warmup=1, lr=1e-3, eps=1e-4, progress=False, device='cpu',
+                                                 fused_optimizer=fused))
+        assert trainer.optimizer.defaults['fused'] == (fused or None)
+        for batch in global_batches(steps=3): trainer.train_step([batch])
+        states.append(model.state_dict())
+    for name, value in states[0].items(): torch.testing.assert_close(states[1][name], value, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,95 @@
+"""Reading and writing checkpoint files (nbs/03_checkpoint.ipynb) under bad input: files that hold code or Python
+objects in both of torch.save's formats (refused, never run), corrupt training checkpoints, and the temporary files
+that a killed write leaves behind."""
+import argparse, os, subprocess
+
+import pytest
+import torch
+
+from flair_min.checkpoint import (file_format, load_checkpoint_file, read_checkpoint, refused_global,
+                                  remove_stale_temporaries, save_checkpoint)
+from flair_min.pretrained import create_model
+
+FORMATS = {'zip': {}, 'legacy': {'_use_new_zipfile_serialization': False}}
+
+
+class RunsCode:
+    "A malicious payload: unpickling it calls os.system, which would create `marker`."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (os.system, (f'touch {self.marker}',))
+
+
+class RunsEval:
+    "A payload through a builtin, which torch names bare (GLOBAL eval)."
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (eval, (f"open({str(self.marker)!r}, 'w')",))
+
+
+@pytest.mark.parametrize('fmt', list(FORMATS))
+@pytest.mark.parametrize('payload', [RunsCode, RunsEval])
+def test_a_file_that_holds_code_is_refused_and_never_run(flair_tiny, tmp_path, fmt, payload):
+    marker, path = tmp_path / 'code_was_run', tmp_path / 'malicious.pt'
+    torch.save({'state_dict': flair_tiny['state_dict'], 'x': payload(marker)}, path, **FORMATS[fmt])
+    assert file_format(path) == fmt
+    for load in (read_checkpoint, load_checkpoint_file, lambda p: create_model('tiny', pretrained=p)):
+        with pytest.raises(ValueError) as e:
+            load(path)
+        message = str(e.value)
+        assert f'{path} holds code: unpickling it would call' in message and 'nothing in it was run' in message
+        assert 'truncated' not in message and 'weights_only=False' not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('fmt', list(FORMATS))
+def test_a_file_that_holds_python_objects_is_refused_with_a_way_out(flair_tiny, tmp_path, fmt):
+    path = tmp_path / 'objects.pt'
+    torch.save({'state_dict': flair_tiny['state_dict'], 'args': argparse.Namespace(lr=5e-4)}, path, **FORMATS[fmt])
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(path)
+    message = str(e.value)
+    assert 'refused to unpickle' in message and 'Python objects (argparse.Namespace)' in message
+    assert 'weights_only=False' in message
+
+
+def test_the_refused_global_is_read_off_what_torch_says(tmp_path):
+    torch.save({'x': RunsCode(tmp_path / 'm')}, tmp_path / 'a.pt')
+    with pytest.raises(Exception) as e:
+        torch.load(tmp_path / 'a.pt', weights_only=True)
+    assert refused_global(e.value) in ('posix.system', 'nt.system', 'os.system')
+    assert refused_global(ValueError('PytorchStreamReader failed reading zip archive')) is None
+
+
+@pytest.mark.parametrize('fmt', list(FORMATS))
+def test_legacy_and_zip_files_read_and_truncated_ones_are_named(flair_tiny, tmp_path, fmt):
+    path = tmp_path / 'good.pt'
+    torch.save(flair_tiny['state_dict'], path, **FORMATS[fmt])
+    assert list(read_checkpoint(path)) == list(flair_tiny['state_dict'])
+    (tmp_path / 'cut.pt').write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match='cut.pt looks truncated or corrupted'):
+        read_checkpoint(tmp_path / 'cut.pt')
+
+
+def test_a_corrupt_training_checkpoint_says_what_to_do(tmp_path):
+    latest = save_checkpoint({'step': 3, 'w': torch.zeros(1000)}, tmp_path / 'latest.pt')
+    latest.write_bytes(latest.read_bytes()[:200])
+    with pytest.raises(ValueError) as e:
+        load_checkpoint_file(latest)
+    assert f'{latest} looks truncated or corrupted' in str(e.value)
+    assert 'delete it to start afresh, or resume from another checkpoint' in str(e.value)
+    (tmp_path / 'page.pt').write_text('<html>not a checkpoint</html>')
+    with pytest.raises(ValueError, match='page.pt is not a PyTorch checkpoint'):
+        load_checkpoint_file(tmp_path / 'page.pt')
+    with pytest.raises(FileNotFoundError, match='no checkpoint at'):
+        load_checkpoint_file(tmp_path / 'missing.pt')
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    finished = subprocess.Popen(['true'])
+    finished.wait()
+    names = {'dead': f'.latest.pt.{finished.pid}.tmp', 'dead_step': f'.step_00000002.pt.{finished.pid}.tmp',
+             'live': f'.latest.pt.{os.getpid()}.tmp', 'no_pid': '.latest.pt.tmp', 'plain': 'latest.pt'}
+    for name in names.values(): (tmp_path / name).write_bytes(b'x')
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names['dead'], names['dead_step']])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names['live'], names['no_pid'], names['plain']])
+    assert remove_stale_temporaries(tmp_path) == []
