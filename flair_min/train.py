@@ -52,7 +52,7 @@ def _in_range(value, ok) -> bool:
 
 @dataclass
 class TrainConfig:
-    "Every knob of a training run; the defaults are the recipe of the released models (the paper's implementation details, official README)."
+    "Every knob of a training run; the defaults are the released models' recipe (paper, official README)."
     steps: int = 1000                   # optimizer steps of the whole run (the length of the cosine schedule)
     lr: float = 5e-4                    # peak learning rate
     betas: tuple = (0.9, 0.98)          # AdamW betas
