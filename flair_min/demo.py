@@ -7,12 +7,12 @@ __all__ = ['SEGMENT_BY', 'ATTRIBUTES', 'LOCALIZATION_ROWS', 'RETRIEVAL_ROWS', 'D
            'ABLATION_COLUMNS', 'DemoConfig', 'demo_model_config', 'training_world', 'world_manifest',
            'prepare_toy_data', 'trim_padding', 'TrimmedLoader', 'make_demo_loader', 'train_demo_model',
            'fine_grained_texts', 'fine_grained_metrics', 'eval_images', 'tokenize_texts', 'retrieval_results',
-           'own_image_maps', 'object_sentences', 'localization_results', 'toy_classes', 'toy_labels',
-           'toy_segmentation', 'object_sentence', 'swapped_sentences', 'pair_scores', 'attribute_swap_accuracy',
-           'object_tokens', 'linear_probe', 'object_probe_accuracy', 'text_swap_similarity', 'table_rows',
-           'comparison_table', 'plot_losses', 'plot_metrics', 'plot_heatmaps', 'save_figure', 'torch_threads',
-           'evaluate_demo_model', 'margins', 'demo_config', 'run_demo', 'ablation_variant', 'ablation_table',
-           'run_ablation']
+           'own_image_maps', 'maps_on_own_images', 'object_sentences', 'localization_results', 'toy_classes',
+           'toy_labels', 'toy_segmentation', 'object_sentence', 'swapped_sentences', 'pair_scores',
+           'attribute_swap_accuracy', 'object_tokens', 'linear_probe', 'object_probe_accuracy', 'text_swap_similarity',
+           'table_rows', 'comparison_table', 'plot_losses', 'plot_metrics', 'plot_heatmaps', 'save_figure',
+           'torch_threads', 'evaluate_demo_model', 'margins', 'demo_config', 'run_demo', 'ablation_variant',
+           'ablation_table', 'run_ablation']
 
 # %% ../nbs/13_demo.ipynb #d5535cd9
 import json, os, time
@@ -184,10 +184,14 @@ def retrieval_results(model: FLAIR, images: torch.Tensor, split: dict, mode: str
 def own_image_maps(model: FLAIR, images: torch.Tensor, texts: torch.Tensor, txt2img: torch.Tensor,
                    kind: str = 'attention') -> torch.Tensor:
     "One map over the patch grid per text on its own image (`11_localization`'s maps): (N, g, g)."
+    return maps_on_own_images(model, model.embed_image(images)[1], model.embed_text(texts), txt2img, kind)
+
+@torch.no_grad()
+def maps_on_own_images(model: FLAIR, local: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor,
+                       kind: str = 'attention') -> torch.Tensor:
+    "`own_image_maps` from embeddings already computed: local (M, L, D), text_emb (N, D) → (N, g, g)."
     check_kind(kind)
-    _, local = model.embed_image(images)                                     # (M, L, D)
-    text_emb = model.embed_text(texts)                                       # (N, D)
-    maps = torch.empty(len(texts), local.shape[1])                           # (N, L)
+    maps = torch.empty(len(text_emb), local.shape[1])                        # (N, L)
     for i in txt2img.unique().tolist():
         rows = (txt2img == i).nonzero()[:, 0]                                # the texts of image i
         maps[rows] = embedding_maps(model, local[i:i + 1], text_emb[rows], kind)[0].cpu()   # (n_i, L)
@@ -200,11 +204,12 @@ def object_sentences(split: dict) -> tuple[np.ndarray, torch.Tensor, np.ndarray]
     return (split['sentences'][keep], torch.as_tensor(split['sentence_image'][keep], dtype=torch.long),
             split['masks'][keep])
 
+@torch.no_grad()
 def localization_results(model: FLAIR, images: torch.Tensor, split: dict, kinds=MAP_KINDS) -> dict:
     "Pointing-game hit rate of each kind of map over all object sentences, and the chance rate."
     texts, txt2img, masks = object_sentences(split)
-    ids = tokenize_texts(texts)
-    out = {f'pointing_game_{k}': float(pointing_game(own_image_maps(model, images, ids, txt2img, k).numpy(),
+    local, text_emb = model.embed_image(images)[1], model.embed_text(tokenize_texts(texts))  # embedded once
+    out = {f'pointing_game_{k}': float(pointing_game(maps_on_own_images(model, local, text_emb, txt2img, k).numpy(),
                                                      masks).mean())
            for k in kinds}
     out['pointing_game_chance'] = float((patch_coverage(masks, model.config.patch_size) > 0).mean())
