@@ -23,8 +23,6 @@ __all__ = ['FLAIR', 'FlairConfig', 'create_model', 'create_model_and_transforms'
 # Where the names of flair_min 0.1 went when the modules were re-cut into teaching order. An old
 # module name fails with an error naming its new place; an old `module.name` that moved to another
 # module fails the same way (`from flair_min.model import load_state_dict_strict` included).
-_MODULES = ('flair_min.checkpoint', 'flair_min.losses', 'flair_min.model', 'flair_min.cli', 'flair_min.cc3m',
-            'flair_min.localization')
 MOVED_MODULES = {'flair_min.experiment': 'flair_min.demo', 'flair_min.colab': 'flair_min.small_scale',
                  'flair_min.benchmarks': 'flair_min.eval_sets'}
 MOVED_NAMES = {
@@ -44,7 +42,8 @@ MOVED_NAMES = {
 }
 
 def _moved_error(module: str, name: str, new: str) -> ImportError:
-    where = f'{new}.{name}' if new in _MODULES else new   # a module: the same name there; else the replacement itself
+    is_module = new.startswith('flair_min.') and new.count('.') == 1
+    where = f'{new}.{name}' if is_module else new   # a module: the same name there; else the replacement itself
     return ImportError(f"{module}.{name} has moved: use {where} (flair_min's modules follow the notebooks' "
                        f"teaching order; see the README's notebook map)", name=module)
 
