@@ -45,7 +45,7 @@ def chance(metrics: dict, section: str, key: str) -> str:
 def note(seeds: list, runs: dict) -> str:
     "results/demo/README.md: how the figures were made, and the headline rows of every seed."
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {os.cpu_count()} cores'
-    lines = ['# `flair-min demo`, default settings', '',
+    lines = ['### `flair-min demo`, default settings', '',
              f'Command: `flair-min demo --seed N --out runs/demo-seedN` for N in {seeds} '
              f'(collected by `python benchmarks/demo_seeds.py --seeds {" ".join(map(str, seeds))}`).',
              f'Machine: {device}, {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}.',

@@ -12,14 +12,13 @@ every 800 steps. Results are appended as JSON lines to `out/results.jsonl`, one 
 a summary table is printed at the end. The variants are dealt round-robin to `--processes`
 processes; a process starts no new variant after `--minutes`.
 
-`13_demo` §8 reports both sweeps, run on one H200 machine (16 CPU cores: 4 processes
-of 1 + 3 loader workers each, about 5 minutes per sweep) with an earlier draft of this script:
-the same variants, training and evaluation. That draft also tried worlds with 3 shapes and 4
-colours together and with one colour; they leave no evaluation sentence that is true of exactly
-one image, so the fine-grained metrics cannot be computed and they are not listed here. The
-variants carry the sigmoid bias the sweeps began with, −5; `bias-10` is today's default. The two
-`cell48` variants (48-pixel images, one 16-pixel patch per cell) came later and are not in those
-sweeps; 09 §9 reports CPU runs of them with the default bias.
+`results/demo_sweep.md` keeps both sweeps, run on one H200 machine (16 CPU cores: 4 processes of
+1 + 3 loader workers each, about 5 minutes per sweep): the same variants, training and evaluation as
+here. Worlds with 3 shapes and 4 colours together, or with one colour, leave no evaluation sentence
+that is true of exactly one image, so the fine-grained metrics cannot be computed; they are not listed.
+The variants carry the sigmoid bias the sweeps began with, −5; `bias-10` is today's default. The two
+`cell48` variants (48-pixel images, one 16-pixel patch per cell) are not in those sweeps;
+`results/demo_sweep.md` reports CPU runs of that world with the default bias.
 """
 import argparse, copy, json, time
 from dataclasses import replace

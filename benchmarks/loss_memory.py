@@ -1,19 +1,24 @@
-"""Peak memory and time of FLAIR's loss, forward + backward, on the CPU in float32.
+"""Peak memory and time of FLAIR's loss, one forward + backward pass, on the CPU in float32.
+
+    python benchmarks/loss_memory.py --threads 1               # B=128, K=8, D=512, L=196: the paper's per-GPU batch
+    python benchmarks/loss_memory.py --threads 1 --batch 32    # a quicker look
+    python benchmarks/loss_memory.py ... --out results/loss_memory   # writes OUT.json and OUT.md (the default)
 
 Only the loss side is measured: FLAIR's text-conditioned pooling layer (`visual_proj`: D = 512, 8 heads) on
-synthetic projected embeddings (B images x 196 patch tokens, B*K texts), with the pooling over all
-B*(K+B-1) downsampled pairs plus the multi-positive term. No ViT towers. Every configuration runs in a fresh
-process; its time per step is the fastest of `--repeats` steps after a first one (wall clock and CPU
-time of the process), and its peak memory is the growth of the peak resident set (ru_maxrss) over the resident set
-just before the first step, with glibc's malloc told to return large blocks to the system at once.
-
-    python benchmarks/loss_memory.py                 # B=128, K=8, D=512, L=196: the paper's per-GPU batch
-    python benchmarks/loss_memory.py --batch 32      # a quicker look
+synthetic projected embeddings (B images x L patch tokens, B*K texts), with the pooling over all B*(K+B-1)
+downsampled pairs plus the multi-positive term (`FlairLoss(K)`, 04_losses). No ViT towers. Every configuration runs
+in a fresh process; its time per step is the fastest of `--repeats` steps after a first one (wall clock and CPU time
+of the process), and its peak memory is the growth of the peak resident set (ru_maxrss) over the resident set just
+before the first step, with glibc's malloc told to return large blocks to the system at once. Every figure is also
+given as a ratio to the first configuration (all pairs at once), measured in the same run.
 """
-import argparse, json, os, resource, subprocess, sys, time
+import argparse, json, os, platform, resource, subprocess, sys, time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: (chunk_size, recompute)
     'all pairs at once (baseline)': (None, True),
     'chunks of 16 images, no recomputation': (16, False),
@@ -34,7 +39,7 @@ def step(loss_fn, inputs):
 
 
 def measure(name, B, K, D, L, repeats, threads):
-    "One configuration, in this (fresh) process: peak memory growth (bytes) and median seconds per step."
+    "One configuration, in this (fresh) process: peak memory growth (bytes) and fastest seconds per step."
     from flair_min.model import TextConditionedPooling
     from flair_min import losses
     torch.set_num_threads(threads); torch.manual_seed(0)
@@ -57,31 +62,71 @@ def measure(name, B, K, D, L, repeats, threads):
     return dict(name=name, peak_bytes=peak, seconds=min(wall[1:]), cpu_seconds=min(cpu[1:]), loss=value)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--batch', type=int, default=128); p.add_argument('--captions', type=int, default=8)
-    p.add_argument('--dim', type=int, default=512); p.add_argument('--tokens', type=int, default=196)
-    p.add_argument('--repeats', type=int, default=3); p.add_argument('--threads', type=int, default=os.cpu_count())
-    p.add_argument('--one', help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a.one:
-        print(json.dumps(measure(a.one, a.batch, a.captions, a.dim, a.tokens, a.repeats, a.threads))); return
+def run_all(a) -> list[dict]:
+    "Every configuration, each in a fresh process; with ratios to the first (the baseline)."
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    print(f"FLAIR loss forward+backward, CPU fp32, {a.threads} threads: B={a.batch}, K={a.captions}, D={a.dim}, "
-          f"L={a.tokens}, {a.batch * (a.captions + a.batch - 1)} pooled pairs; "
-          "pooling layer + synthetic embeddings only")
+    shape = ['--batch', a.batch, '--captions', a.captions, '--dim', a.dim, '--tokens', a.tokens,
+             '--repeats', a.repeats, '--threads', a.threads]
     rows = []
     for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, '--one', name, *sys.argv[1:]], env=env, check=True,
+        out = subprocess.run([sys.executable, __file__, '--one', name, *map(str, shape)], env=env, check=True,
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"{name}: {rows[-1]['peak_bytes'] / 2**20:.0f} MiB, {rows[-1]['cpu_seconds']:.2f} CPU s", flush=True)
     base = rows[0]
-    print(f"{'configuration':40s} {'peak MiB':>9s} {'peak/base':>9s} {'s/step':>7s} "
-          f"{'/base':>6s} {'CPU s':>6s} {'/base':>6s}  loss")
     for r in rows:
-        print(f"{r['name']:40s} {r['peak_bytes'] / 2**20:9.0f} {r['peak_bytes'] / base['peak_bytes']:9.2f} "
-              f"{r['seconds']:7.2f} {r['seconds'] / base['seconds']:6.2f} {r['cpu_seconds']:6.2f} "
-              f"{r['cpu_seconds'] / base['cpu_seconds']:6.2f}  {r['loss']:.6f}")
+        r.update(peak_ratio=r['peak_bytes'] / base['peak_bytes'], seconds_ratio=r['seconds'] / base['seconds'],
+                 cpu_seconds_ratio=r['cpu_seconds'] / base['cpu_seconds'])
+    return rows
+
+
+def markdown(result: dict) -> str:
+    "The results file: title, command line, table, two sentences."
+    s, rows = result['setup'], result['rows']
+    table = '\n'.join(f"| {r['name']} | {r['peak_bytes'] / 2**20:.0f} | {r['peak_ratio']:.2f} | "
+                      f"{r['cpu_seconds']:.2f} | {r['cpu_seconds_ratio']:.2f} | {r['seconds']:.2f} | "
+                      f"{r['seconds_ratio']:.2f} |" for r in rows)
+    spread = max(abs(r['loss'] - rows[0]['loss']) for r in rows)
+    return f"""### FLAIR's loss, one forward + backward pass: peak memory and time (CPU, float32)
+Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. \
+Date: {result['date']}.
+
+| configuration | peak memory (MiB) | × baseline | CPU time / step (s) | × baseline | wall time / step (s) | \
+× baseline |
+|---|---|---|---|---|---|---|
+{table}
+
+B = {s['batch']} images, K = {s['captions']}, D = {s['dim']}, L = {s['tokens']} patch tokens: the pooling layer scores \
+{s['pairs']:,} downsampled pairs on synthetic embeddings (no ViT towers), each configuration in a fresh process, \
+fastest of {s['repeats']} timed steps. Every configuration gives the same loss, {rows[0]['loss']:.5f} \
+(largest difference {spread:.1e}).
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--batch', type=int, default=128, help='images B (default: the paper\'s 128 per GPU)')
+    p.add_argument('--captions', type=int, default=8, help='sub-captions K per image')
+    p.add_argument('--dim', type=int, default=512, help='embedding width D')
+    p.add_argument('--tokens', type=int, default=196, help='patch tokens L per image')
+    p.add_argument('--repeats', type=int, default=3, help='timed steps after the first')
+    p.add_argument('--threads', type=int, default=os.cpu_count(), help='torch threads (default: all cores)')
+    p.add_argument('--out', default=str(ROOT / 'results' / 'loss_memory'), help='writes OUT.json and OUT.md')
+    p.add_argument('--one', help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(measure(a.one, a.batch, a.captions, a.dim, a.tokens, a.repeats, a.threads))); return
+    setup = dict(batch=a.batch, captions=a.captions, dim=a.dim, tokens=a.tokens, repeats=a.repeats,
+                 pairs=a.batch * (a.captions + a.batch - 1))
+    result = dict(command=' '.join(['python benchmarks/loss_memory.py', *argv]),
+                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
+                  threads=a.threads, date=f'{datetime.now(timezone.utc):%Y-%m-%d}', setup=setup, rows=run_all(a))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
+    out.with_suffix('.md').write_text(markdown(result))
+    print(out.with_suffix('.md').read_text())
 
 
 if __name__ == '__main__':

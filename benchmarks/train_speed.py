@@ -149,7 +149,7 @@ def main(argv=None):
     out.with_suffix('.json').write_text(json.dumps(result, indent=1))
     rows = '\n'.join(f'| {v} | {median[v]:.3f} | {result["speedup"][v]:.2f}× |'
                      for v in variants)
-    out.with_suffix('.md').write_text(f"""# One FLAIR training step on the CPU
+    out.with_suffix('.md').write_text(f"""### One FLAIR training step on the CPU
 ({result['model']}, {result['batch']}, fp32)
 
 Command: `{result['command']}`. Machine: {result['machine']}, {result['threads']} threads. Date: {result['date']}.

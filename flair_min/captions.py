@@ -80,14 +80,14 @@ def make_rng(rng=None) -> random.Random:
 
 def draw_subcaption(n: int, max_merged: int, rng: random.Random) -> tuple[int, ...]:
     "Indices of the sentences of one diverse sub-caption from a pool of `n` (see the table above for the rng calls)."
-    s = rng.randint(1, max_merged)                         # merge count
-    if s == 1: return (rng.choice(range(n)),)              # one sentence
+    m = rng.randint(1, max_merged)                         # merge count
+    if m == 1: return (rng.choice(range(n)),)              # one sentence
     if rng.random() < 0.5:                                 # consecutive
-        if s >= n: return tuple(range(n))                  # the whole pool
-        start = rng.sample(range(n - s), 1)[0]             # start in {0, ..., n-s-1}: official range
-        return tuple(range(start, start + s))
-    if s <= n: return tuple(rng.sample(range(n), s))       # s distinct sentences, random order
-    return tuple(rng.choice(range(n)) for _ in range(s))   # more than the pool: with replacement
+        if m >= n: return tuple(range(n))                  # the whole pool
+        start = rng.sample(range(n - m), 1)[0]             # start in {0, ..., n-m-1}: official range
+        return tuple(range(start, start + m))
+    if m <= n: return tuple(rng.sample(range(n), m))       # m distinct sentences, random order
+    return tuple(rng.choice(range(n)) for _ in range(m))   # more than the pool: with replacement
 
 def sample_subcaption_indices(n: int, k: int, max_merged: int = 3, rng=None) -> list[tuple[int, ...]]:
     "Sentence indices of `k` independent diverse sub-captions drawn from a pool of `n` sentences."

@@ -168,7 +168,7 @@ def download_weights_from_hf(model_repo: str = HF_REPO, filename: str = 'flair-c
     except Exception as e:
         raise RuntimeError(
             f"could not fetch {filename!r} from the Hugging Face hub repository {model_repo!r} "
-            f"({type(e).__name__}: {e}). If this machine has no network (or HF_HUB_OFFLINE=1), download "
+            f"({type(e).__name__}: {e}). Without network access (or with HF_HUB_OFFLINE=1), download "
             f"https://huggingface.co/{model_repo}/resolve/main/{filename} elsewhere and pass its local path instead: "
             f"create_model_and_transforms('ViT-B-16-FLAIR', pretrained='/path/to/{filename}').") from e
 

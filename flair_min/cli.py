@@ -314,10 +314,10 @@ def read_checkpoint_dict(path) -> dict:
         read_checkpoint(path)   # raises the error that says what is wrong with the file
         raise
 
-def eval_config(checkpoint: dict, model_spec=None, source: str = 'the checkpoint') -> FlairConfig:
+def eval_config(checkpoint: dict, model_config=None, source: str = 'the checkpoint') -> FlairConfig:
     "--model's config, else the checkpoint's stored 'config', else one read off its tensor shapes (with a warning)."
     stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
-    if model_spec is not None: return FlairConfig.resolve(model_spec)
+    if model_config is not None: return FlairConfig.resolve(model_config)
     if isinstance(stored, dict): return FlairConfig.resolve(stored)
     config = config_from_state_dict(unwrap_state_dict(checkpoint))
     warnings.warn(f"{source} stores no model config: its architecture is read off the tensor shapes, assuming "
@@ -325,11 +325,11 @@ def eval_config(checkpoint: dict, model_spec=None, source: str = 'the checkpoint
                   f"{config.pool_heads} pooling heads; if it was trained with others, give them with --model")
     return config
 
-def load_for_eval(model_spec, pretrained, device, force_image_size: int | None = None):
-    "(model, evaluation transform): the checkpoint loaded strictly into `model_spec`, its stored config, or its shapes."
+def load_for_eval(model_config, pretrained, device, force_image_size: int | None = None):
+    "(model, evaluation transform): the checkpoint loaded into `model_config`, its stored config, or its shapes."
     path = resolve_pretrained(pretrained)
     checkpoint = read_checkpoint_dict(path)
-    config = eval_config(checkpoint, model_spec, str(path))
+    config = eval_config(checkpoint, model_config, str(path))
     model, _, preprocess = create_model_and_transforms(config, pretrained=checkpoint, device=device,
                                                        force_image_size=force_image_size)
     return model.eval(), preprocess
@@ -414,8 +414,8 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     "Declare the options of `flair-min visualize` on `parser`."
     parser.add_argument('--pretrained', required=True,
                         help="a released file name, a checkpoint path or a run's latest.pt")
-    parser.add_argument('--model', default=None,
-                        help="model spec, as eval's (default: the checkpoint's stored config, else its shapes)")
+    parser.add_argument('--model', default=None, help="a preset name, JSON text or a JSON file "
+                        "(default: the checkpoint's stored config, else its shapes)")
     parser.add_argument('--image', required=True, help='the image file')
     parser.add_argument('--text', action='append', required=True, help='a sentence to look for (repeat for more)')
     parser.add_argument('--map', default='attention', choices=MAP_KINDS, help='which map (11_localization)')

@@ -302,7 +302,7 @@ class Split(NamedTuple):
     def index(self) -> int: return self.rank * self.num_workers + self.worker   # p, in 0 .. count-1
 
     @property
-    def count(self) -> int: return self.world_size * self.num_workers         # W · N
+    def count(self) -> int: return self.world_size * self.num_workers         # W · V
 
 def distributed_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     "(rank, world_size): as given, else from torch.distributed when it is initialised, else (0, 1)."

@@ -72,7 +72,7 @@ class DemoConfig:
 
     @classmethod
     def long(cls, **overrides) -> 'DemoConfig':
-        "The 20-odd-minute variant of section 9: one 16-pixel patch per cell of 48-pixel images, four times the steps."
+        "The 20-odd-minute variant (the lesson's end): 48-pixel images, one 16-pixel patch per cell, 4× the steps."
         return replace(cls(out='runs/demo-long', image_size=48, patch_size=16, steps=3200, warmup=200), **overrides)
 
 # %% ../nbs/13_demo.ipynb #06c0eb85
@@ -589,7 +589,7 @@ def run_ablation(args=None, seeds=(0, 1), results_dir='results/ablation', **over
     out.mkdir(parents=True, exist_ok=True)
     (out / 'ablation.json').write_text(json.dumps({'config': asdict(config), 'seeds': list(seeds),
                                                    'minutes': minutes, 'runs': runs}, indent=1))
-    (out / 'README.md').write_text(f"""# The paper's ablation at toy scale
+    (out / 'README.md').write_text(f"""### The paper's ablation at toy scale
 
 Command: `flair-min demo --ablate` (seeds {', '.join(map(str, seeds))}; {config.steps} steps of {config.batch_size}
 images per variant). Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}. Date: {time.strftime('%Y-%m-%d')}.

@@ -47,19 +47,19 @@ def downsample_caption_indices(negative_offsets: torch.Tensor, num_captions: int
 
 # %% ../nbs/04_losses.ipynb #f28a26d0
 def pair_labels(caption_indices: torch.Tensor, num_captions: int, image_indices: torch.Tensor) -> torch.Tensor:
-    "+1 where caption `caption_indices[i, m]` belongs to image `image_indices[i]`, else -1; (B, M) floats."
-    own = caption_indices // num_captions == image_indices[:, None]  # (B, M), caption_indices may be (1, M)
+    "+1 where text `caption_indices[i, j]` belongs to image `image_indices[i]`, else -1: (B, N) floats."
+    own = caption_indices // num_captions == image_indices[:, None]  # (B, N); caption_indices (B, N) or (1, N)
     return own.float() * 2 - 1
 
 # %% ../nbs/04_losses.ipynb #690930af
 def text_conditioned_logits(pooled, texts, logit_scale, logit_bias):
-    "(B, M) scores e^s·cos(pooled, text) + b of each pooled vector (B, M, D) with its text (B, M, D)."
-    cos = (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1)  # (B, M)
+    "(B, K+B-1) scores e^s·cos(pooled, text) + b of each pooled vector (B, K+B-1, D) with its text (B, K+B-1, D)."
+    cos = (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1)  # (B, K+B-1)
     return logit_scale * cos + logit_bias
 
 def text_conditioned_sigmoid_loss(pooled, texts, labels, logit_scale, logit_bias, denominator=None):
     "Text-conditioned sigmoid loss: -sum log σ(y·z) / (texts per image, unless `denominator` is given)."
-    logits = text_conditioned_logits(pooled, texts, logit_scale, logit_bias)  # (B, M)
+    logits = text_conditioned_logits(pooled, texts, logit_scale, logit_bias)  # (B, K+B-1)
     denominator = labels.shape[1] if denominator is None else denominator
     return -F.logsigmoid(labels.to(logits.dtype) * logits).sum() / denominator
 
@@ -73,19 +73,19 @@ def multi_positive_sigmoid_loss(image_features, text_features, labels, logit_sca
 
 # %% ../nbs/04_losses.ipynb #d3c4fb39
 def _tcs_sum(visual_proj, text_features, image_tokens, caption_indices, labels, logit_scale, logit_bias):
-    texts = text_features[caption_indices]                      # (b, M, D): the texts scored with each image
-    pooled = visual_proj(texts, image_tokens, image_tokens)     # (b, M, D): each image pooled by each of its texts
+    texts = text_features[caption_indices]                      # (b, K+B-1, D): the texts scored with each image
+    pooled = visual_proj(texts, image_tokens, image_tokens)     # (b, K+B-1, D): each image pooled by its texts
     return text_conditioned_sigmoid_loss(pooled, texts, labels, logit_scale, logit_bias, denominator=1)
 
 def downsampled_tcs_loss(visual_proj, text_features, image_tokens, caption_indices, labels, logit_scale, logit_bias,
                          chunk_size: int | None = None):
-    "Text-conditioned sigmoid loss of images (B, L, D) with texts `caption_indices` (B, M); optional recomputed chunks."
+    "Text-conditioned sigmoid loss of images (B, L, D) with texts `caption_indices` (B, K+B-1), optionally chunked."
     B = image_tokens.shape[0]
     if chunk_size is None or chunk_size >= B:
         total = _tcs_sum(visual_proj, text_features, image_tokens, caption_indices, labels, logit_scale, logit_bias)
     elif chunk_size < 1: raise ValueError(f"chunk_size must be a positive number of images (or None), got {chunk_size}")
     else:
-        # (c, L, D), (c, M), (c, M)
+        # (chunk, L, D), (chunk, K+B-1), (chunk, K+B-1)
         chunks = zip(image_tokens.split(chunk_size), caption_indices.split(chunk_size), labels.split(chunk_size))
         total = sum(checkpoint(_tcs_sum, visual_proj, text_features, tokens, idx, y, logit_scale, logit_bias,
                                use_reentrant=False)
@@ -215,10 +215,10 @@ def flair_loss(model, images, texts, num_captions: int, add_mps: bool = True, ne
 def negatives_only_loss(image_features, image_tokens, other_downsampled_texts, other_text_features, logit_scale,
                         logit_bias, visual_proj, add_mps: bool = True, chunk_size: int | None = None):
     "½(tcs + mps) of this rank's images against another rank's texts, every pair a negative (tcs alone without mps)."
-    B, M, D = other_downsampled_texts.shape                                  # M = K+B-1 texts per image
-    rows = torch.arange(B * M, device=image_tokens.device).view(B, M)       # (B, M): image i meets row i of T_s
-    labels = torch.full((B, M), -1.0, device=image_tokens.device)            # (B, M): all negatives
-    loss = downsampled_tcs_loss(visual_proj, other_downsampled_texts.reshape(B * M, D), image_tokens, rows,
+    B, per_image, D = other_downsampled_texts.shape                          # per_image = K+B-1 texts
+    rows = torch.arange(B * per_image, device=image_tokens.device).view(B, per_image)  # (B, K+B-1): row i of T
+    labels = torch.full((B, per_image), -1.0, device=image_tokens.device)    # (B, K+B-1): all negatives
+    loss = downsampled_tcs_loss(visual_proj, other_downsampled_texts.reshape(B * per_image, D), image_tokens, rows,
                                 labels, logit_scale, logit_bias, chunk_size)  # sum / (K+B-1)
     if add_mps:
         labels = torch.full((B, other_text_features.shape[0]), -1.0, device=image_features.device)  # (B, B·K)
@@ -297,7 +297,7 @@ def ring_flair_loss_of_rank(image_features, image_tokens, text_features, negativ
     T = downsampled_texts(text_features, negative_offsets, K)                           # (B, K+B-1, D)
     parcel = torch.cat([T.reshape(-1), text_features.reshape(-1)] if add_mps else [T.reshape(-1)])  # one message
     for received in ring_exchange(parcel):
-        other_T = received[:T.numel()].view(B, K + B - 1, D)                            # the sender's T_s
+        other_T = received[:T.numel()].view(B, K + B - 1, D)                            # the sender's T
         other_texts = received[T.numel():].view(-1, D) if add_mps else None             # its (B·K, D) texts
         loss = loss + negatives_only_loss(image_features, image_tokens, other_T, other_texts, logit_scale,
                                           logit_bias, visual_proj, add_mps, chunk_size)

@@ -36,7 +36,7 @@ class FlairConfig:
     text_heads: int = 8             # text attention heads (text_width / 64)
     mlp_ratio: float = 4.0          # MLP hidden width = mlp_ratio × width, in both towers
     pool_heads: int = 8             # heads of the text-conditioned attention pooling (always 8 in FLAIR)
-    init_logit_scale: float = math.log(1 / 0.07)  # temperature: exp(logit_scale) starts at 1/0.07
+    init_logit_scale: float = math.log(1 / 0.07)  # s, stored as a log: the multiplier e^s starts at 1/0.07
     init_logit_bias: float = -10.0  # sigmoid-loss bias starts at -10
 
     def __post_init__(self):
@@ -68,18 +68,18 @@ class FlairConfig:
         return MODEL_CONFIGS[name]()
 
     @classmethod
-    def resolve(cls, spec) -> 'FlairConfig':
-        "A FlairConfig from a FlairConfig, preset name, dict, inline JSON or JSON file ({'preset': name, **fields})."
-        if isinstance(spec, cls): return spec
-        if not isinstance(spec, (str, Path, dict)):
+    def resolve(cls, config) -> 'FlairConfig':
+        "A FlairConfig from a FlairConfig, preset name, dict, JSON text or JSON file ({'preset': name, **fields})."
+        if isinstance(config, cls): return config
+        if not isinstance(config, (str, Path, dict)):
             raise TypeError(f"model: expected a preset name like 'ViT-B-16-FLAIR', a FlairConfig, a dict or JSON, "
-                            f"got {type(spec).__name__}")
-        if isinstance(spec, str) and spec in MODEL_CONFIGS: return cls.from_name(spec)
-        if isinstance(spec, dict): fields_ = dict(spec)
-        elif isinstance(spec, (str, Path)) and str(spec).lstrip().startswith('{'): fields_ = json.loads(str(spec))
-        elif isinstance(spec, (str, Path)) and Path(spec).is_file(): fields_ = json.loads(Path(spec).read_text())
+                            f"got {type(config).__name__}")
+        if isinstance(config, str) and config in MODEL_CONFIGS: return cls.from_name(config)
+        if isinstance(config, dict): fields_ = dict(config)
+        elif isinstance(config, (str, Path)) and str(config).lstrip().startswith('{'): fields_ = json.loads(str(config))
+        elif isinstance(config, (str, Path)) and Path(config).is_file(): fields_ = json.loads(Path(config).read_text())
         else:
-            raise ValueError(f"unknown model name {spec!r}: expected a preset {sorted(MODEL_CONFIGS)}, "
+            raise ValueError(f"unknown model name {config!r}: expected a preset {sorted(MODEL_CONFIGS)}, "
                              f"a FlairConfig, a dict, inline JSON or a JSON file")
         base = cls.from_name(fields_.pop('preset', 'ViT-B-16-FLAIR'))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -122,27 +122,27 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight); nn.init.zeros_(self.out_proj.bias)  # as nn.MultiheadAttention
 
     def project(self, x_q, x_k, x_v):
-        "Queries, keys and values split into heads, (B, h, N, d) and (B, h, L(+1), d)."
+        "Queries, keys and values split into heads, (B, H, N, d) and (B, H, L(+1), d)."
         if x_q is x_k and x_k is x_v:  # self-attention: one matrix product for all three
             q, k, v = F.linear(x_q, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
         else:
             weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
             q, k, v = (F.linear(x, w, b) for x, w, b in zip((x_q, x_k, x_v), weights, biases))
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, h, ·, d)
-        if self.add_zero_attn: k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))      # (B, h, L+1, d)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, ·, d)
+        if self.add_zero_attn: k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))      # (B, H, L+1, d)
         return q, k, v
 
     def forward(self, x_q, x_k, x_v, causal: bool = False, need_weights: bool = False, mask=None):
-        "Output (B, N, width) [, per-head weights (B, h, N, L(+1))]; `mask` (B, 1, N, L): True where a query may look."
+        "Output (B, N, width) [, per-head weights (B, H, N, L(+1))]; `mask` (B, 1, N, L): True where a query may look."
         q, k, v = self.project(x_q, x_k, x_v)
         weights = None
         if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                          # (B, h, N, L)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                          # (B, H, N, L)
             if causal: scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
             weights = scores.softmax(-1)
-            out = weights @ v                                                                    # (B, h, N, d)
+            out = weights @ v                                                                    # (B, H, N, d)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)     # (B, h, N, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)     # (B, H, N, d)
         return self.out_proj(out.transpose(1, 2).flatten(2)), weights                            # (B, N, width)
 
 # %% ../nbs/02_model.ipynb #771f78cf
@@ -280,7 +280,7 @@ class TextConditionedPooling(nn.Module):
         self.attn = Attention(embed_dim, heads, add_zero_attn=True)
 
     def forward(self, query, key, value, output_attn_weights: bool = False, average_attn_weights: bool = True):
-        "Pooled (B, N, D); with `output_attn_weights` also weights (B, N, L+1), or (B, h, N, L+1) per head."
+        "Pooled (B, N, D); with `output_attn_weights` also weights (B, N, L+1), or (B, H, N, L+1) per head."
         out, weights = self.attn(self.ln_q(query), self.ln_k(key), self.ln_v(value), need_weights=output_attn_weights)
         if not output_attn_weights: return out
         return out, (weights.mean(1) if average_attn_weights else weights)  # zero slot = last column

@@ -48,7 +48,7 @@ def resolve_pretrained(pretrained, cache_dir=None) -> Path:
 # %% ../nbs/12_pretrained.ipynb #d4c69f3f
 def create_model(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 'fp32', device='cpu',
                  cache_dir=None, force_image_size: int | None = None) -> FLAIR:
-    "A FLAIR model: model spec; weights from a path or a released file name; precision; device; image size."
+    "A FLAIR model: preset name or config; weights from a path or a released file name; precision; device; image size."
     config = FlairConfig.resolve(model_name)
     if force_image_size: config = dataclasses.replace(config, image_size=force_image_size)   # patch grid resampled
     weights_dtype = PRECISIONS[check_precision(precision)][0]

@@ -212,30 +212,31 @@ def _check_scores(scores: torch.Tensor, txt2img: torch.Tensor):
                          f"got [{txt2img.min()}, {txt2img.max()}]")
 
 def text_to_image_ranks(scores: torch.Tensor, txt2img, chunk: int = 4096) -> torch.Tensor:
-    "0-based position of each text's own image among all images (scores (M, N)) → (N,)."
+    "0-based position of each text's own image among all images (scores (n_images, n_texts)) → (n_texts,)."
     txt2img = torch.as_tensor(txt2img, device=scores.device); _check_scores(scores, txt2img)
-    image_idx = torch.arange(scores.shape[0], device=scores.device)[:, None]              # (M, 1)
+    image_idx = torch.arange(scores.shape[0], device=scores.device)[:, None]              # (n_images, 1)
     ranks = []
     for j in range(0, scores.shape[1], chunk):
-        s, own_img = scores[:, j:j + chunk], txt2img[j:j + chunk]                          # (M, c), (c,)
-        own = s.gather(0, own_img[None])                                                  # (1, c)
-        ranks.append(((s > own) | ((s == own) & (image_idx < own_img))).sum(0))           # (c,)
+        s, own_img = scores[:, j:j + chunk], txt2img[j:j + chunk]                          # (n_images, n), (n,)
+        own = s.gather(0, own_img[None])                                                  # (1, n)
+        ranks.append(((s > own) | ((s == own) & (image_idx < own_img))).sum(0))           # (n,)
     return torch.cat(ranks)
 
 def image_to_text_ranks(scores: torch.Tensor, txt2img, chunk: int = 1024) -> torch.Tensor:
-    "0-based position of each image's best-ranked own text among all texts (scores (M, N)) → (M,)."
+    "0-based position of each image's best-ranked own text among all texts (scores (n_images, n_texts)) → (n_images,)."
     txt2img = torch.as_tensor(txt2img, device=scores.device); _check_scores(scores, txt2img)
-    (M, N), text_idx = scores.shape, torch.arange(scores.shape[1], device=scores.device)
-    if (no_text := (torch.bincount(txt2img, minlength=M) == 0).nonzero().flatten()).numel():
+    (n_images, n_texts), text_idx = scores.shape, torch.arange(scores.shape[1], device=scores.device)
+    if (no_text := (torch.bincount(txt2img, minlength=n_images) == 0).nonzero().flatten()).numel():
         raise ValueError(f"images {no_text[:10].tolist()} have no text in txt2img: every image needs at least one")
-    own = scores[txt2img, text_idx]                                                      # (N,) each text with its image
-    best = own.new_full((M,), -math.inf).scatter_reduce(0, txt2img, own, 'amax')           # (M,) best own score
+    own = scores[txt2img, text_idx]                                                       # (n_texts,) with own image
+    best = own.new_full((n_images,), -math.inf).scatter_reduce(0, txt2img, own, 'amax')   # (n_images,) best own
     is_best = own == best[txt2img]
-    first = torch.full((M,), N, device=scores.device).scatter_reduce(0, txt2img[is_best], text_idx[is_best], 'amin')
+    first = torch.full((n_images,), n_texts, device=scores.device).scatter_reduce(
+        0, txt2img[is_best], text_idx[is_best], 'amin')                                    # (n_images,) its index
     ranks = []
-    for i in range(0, M, chunk):
-        s, b, f = scores[i:i + chunk], best[i:i + chunk, None], first[i:i + chunk, None]   # (c, N), (c, 1), (c, 1)
-        ranks.append(((s > b) | ((s == b) & (text_idx < f))).sum(1))                       # (c,)
+    for i in range(0, n_images, chunk):
+        s, b, f = scores[i:i + chunk], best[i:i + chunk, None], first[i:i + chunk, None]   # (n, n_texts), (n, 1) ×2
+        ranks.append(((s > b) | ((s == b) & (text_idx < f))).sum(1))                       # (n,)
     return torch.cat(ranks)
 
 # %% ../nbs/09_retrieval.ipynb #6b6fa93f

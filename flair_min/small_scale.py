@@ -60,7 +60,7 @@ class GpuPreset:
     @property
     def images_per_step(self) -> int: return self.batch_size * self.accum_steps
 
-PRESETS = {  # peak_gib: measure_train_step on an H200 (the table below)
+PRESETS = {  # peak_gib: the setting's peak in the table below (results/gpu_presets.json)
     'T4':        GpuPreset('T4', 14.0, batch_size=128, precision='amp', grad_checkpointing=True,
                            num_workers=2, peak_gib=6.1),
     'L4':        GpuPreset('L4', 21.0, batch_size=128, precision='amp_bf16', grad_checkpointing=True,
@@ -108,10 +108,11 @@ def resolve_preset(preset: 'str | GpuPreset' = 'auto') -> GpuPreset:
 
 # %% ../nbs/14_small_scale.ipynb #bb28b980
 def random_batch(config: FlairConfig, batch_size: int, num_captions: int, device='cpu', seed: int = 0):
-    "Random images (B, 3, S, S) and token ids (B, K, context_length) within the model's vocabulary, on `device`."
+    "Random images (B, 3, S, S) and full-length token ids (B, K, context_length), the largest id last, on `device`."
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=g)
-    texts = torch.randint(1, config.vocab_size, (batch_size, num_captions, config.context_length), generator=g)
+    texts = torch.randint(1, config.vocab_size - 1, (batch_size, num_captions, config.context_length), generator=g)
+    texts[..., -1] = config.vocab_size - 1        # the end-of-text (the largest id) last: every text is full length
     return images.to(device), texts.to(device)
 
 def _synchronize(device: torch.device):
@@ -167,7 +168,7 @@ def measure_grid(model='ViT-B-16-FLAIR', batch_sizes=(64, 128, 256), checkpointi
 
 def measurement_table(rows: list[dict]) -> str:
     "A markdown table of measurements: precision, batch, K, checkpointing, samples/s, s/step, peak and reserved memory."
-    fmt = lambda v, spec: '–' if v is None else format(v, spec)
+    fmt = lambda v, style: '–' if v is None else format(v, style)
     lines = ['| precision | batch | K | grad checkpointing | samples/s | s/step | peak GiB | reserved GiB |',
              '|---|---|---|---|---|---|---|---|']
     for r in rows:

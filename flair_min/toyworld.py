@@ -56,7 +56,7 @@ class ToyWorldConfig:
     shapes_per_image: tuple[int, int] = (2, 3)      # likewise for shapes
     colour_jitter: int = 12                         # each object's RGB moves by up to this much per channel
     texture_contrast: int = 20                      # brightness step of the striped / checkered backgrounds
-    binding_twins: bool = False                     # scene 2m+1 = scene 2m with attributes re-bound to other objects
+    binding_twins: bool = False                     # scene 2j+1 = scene 2j with attributes re-bound to other objects
     seed: int = 0
     image_format: str = 'jpg'                       # 'jpg' or 'png' inside the shards
     jpeg_quality: int = 95                          # JPEG quality (chroma kept at full resolution)

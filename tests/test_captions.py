@@ -147,7 +147,8 @@ def test_sampling_errors(call, error, message):
 
 # ---------------------------------------------------------------- statistical checks
 # Each check takes a string-level sampler(sentences, k, max_merged, rng) -> list[str] and returns True when
-# the sampler's output is consistent with FLAIR_SPEC §2. Seeds are fixed, so every outcome is deterministic.
+# the sampler's output is consistent with the sampling rule of `01_captions` §3.
+# Seeds are fixed, so every outcome is deterministic.
 
 def draw(sampler, n, k, max_merged=3, rng=0):
     "Sub-captions from a pool of distinct sentences 'w0'.., decoded back to index tuples."
@@ -220,7 +221,7 @@ def replacement_ok(sampler) -> bool:
 
 
 def exact_law(n, m):
-    "Probability of every index tuple of one sub-caption, enumerated from the spec."
+    "Probability of every index tuple of one sub-caption, enumerated from the sampling rule (01_captions §3)."
     law = Counter()
     for s in range(1, m + 1):
         if s == 1:
@@ -254,7 +255,7 @@ def test_sample_subcaptions_passes(check):
 # ------------------------------------------ deliberately wrong samplers: the checks must reject them
 
 def make_sampler(bug=None):
-    "A string-level diverse sampler written from the spec, with at most one deliberate bug."
+    "A string-level diverse sampler written from the sampling rule (01_captions §3), with at most one deliberate bug."
     def sampler(sentences, k, max_merged=3, rng=None):
         rng, n, out = make_rng(rng), len(sentences), []
         for _ in range(k):

@@ -128,7 +128,7 @@ def symbols(piece, byte_encoder):
     return chars[:-1] + [chars[-1] + '</w>']
 
 
-# ids of a 20,000-letter word (random.Random(0) letters) from the tokenizer before BPE became a heap: 9 s to compute
+# ids of a 20,000-letter word (random.Random(0) letters), computed with the rescanning merge loop (bpe_merge)
 LONG_WORD_IDS = [1152, 77, 717, 80, 13699, 89, 73, 712, 9599, 80, 68, 1013, 29896, 7710, 582, 86, 89, 600, 18289, 87,
                  13531, 74, 766, 12558, 22708, 764, 709, 628, 80, 3962, 89, 1773, 87, 16725, 89, 8664, 38105, 2166, 87,
                  74, 4842, 70, 552, 71, 2254, 89, 3268, 916, 80, 79, 3761, 26016, 86, 1084, 7309, 45937, 635, 42012,
@@ -179,5 +179,5 @@ def test_pickles_for_dataloader_workers(tok):
 
 
 def test_junction_piece_merges(tok):
-    # FLAIR_SPEC §2: '?.' is one regex piece that BPE merges into one token
+    # '?.' is one regex piece that BPE merges into one token (00_tokenizer §4, 01_captions §6)
     assert list(tok.encode('Is it a dog?. Yes'))[-3:] == [1929, 41251, 1958]

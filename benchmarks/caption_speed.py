@@ -1,0 +1,106 @@
+"""Sub-captions as token ids (01_captions §6): the string path against the token path, per image.
+
+    python benchmarks/caption_speed.py [--images 200] [--k 8] [--rounds 5] [--out results/caption_speed]
+
+Pools: each image's sentence pool is the sentences of three long captions of the Urban-1k excerpt
+(data/annotations/urban1k_annotations_excerpt.json, real long descriptions, `split_caption`), about as many as a
+DreamLIP record holds, each sentence tagged with the image's number so no two images share a sentence (as in a
+real dataset, where the tokenizer's text cache rarely sees a sentence twice). Per image, K sub-captions with
+`max_merged` 3, in three ways timed in the same run:
+
+* string path (the baseline): `sample_subcaptions` and then the tokenizer on the K joined strings;
+* token path: `sample_subcaption_tokens` on the image's `TokenizedPool`;
+* tokenizing the pool once: `tokenize_pool`, which the token path needs before its first draw.
+
+A warm-up round fills the tokenizer's per-word cache, then `--rounds` rounds, each on fresh pools (new image
+numbers); a figure is the median over the rounds. Writes OUT.json and OUT.md.
+"""
+import argparse, json, os, platform, statistics, sys, time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from flair_min.captions import sample_subcaption_tokens, sample_subcaptions, split_caption, tokenize_pool
+from flair_min.tokenizer import SimpleTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ROOT / 'data' / 'annotations' / 'urban1k_annotations_excerpt.json'
+LABELS = {'string path': 'string path: sample strings, then tokenize them (baseline)',
+          'token path': 'token path: `sample_subcaption_tokens` on a `TokenizedPool`',
+          'tokenize pool once': 'tokenizing the pool once: `tokenize_pool`'}
+
+
+def make_pools(images: int, first: int) -> list[list[str]]:
+    "Sentence pools of `images` images numbered from `first`: three Urban-1k captions each, sentences tagged."
+    captions = [a['caption'] for a in json.loads(CAPTIONS.read_text())['annotations']]
+    return [[f'{s} in view {j}' for i in range(3) for s in split_caption(captions[(j + i) % len(captions)])]
+            for j in range(first, first + images)]
+
+
+def seconds(fn) -> float:
+    tic = time.perf_counter(); fn(); return time.perf_counter() - tic
+
+
+def one_round(pools, tok: SimpleTokenizer, k: int, max_merged: int) -> dict:
+    "Seconds per image of the three ways, on these pools."
+    n, out = len(pools), {}
+    out['string path'] = seconds(lambda: [tok(sample_subcaptions(p, k, max_merged, rng=j))
+                                          for j, p in enumerate(pools)]) / n
+    tpools = []
+    out['tokenize pool once'] = seconds(lambda: tpools.extend(tokenize_pool(p, tok) for p in pools)) / n
+    out['token path'] = seconds(lambda: [sample_subcaption_tokens(tp, k, max_merged, rng=j, tokenizer=tok)
+                                         for j, tp in enumerate(tpools)]) / n
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--images', type=int, default=200)
+    parser.add_argument('--k', type=int, default=8, help='sub-captions per image')
+    parser.add_argument('--max-merged', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
+    parser.add_argument('--out', default=str(ROOT / 'results' / 'caption_speed'))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    tok = SimpleTokenizer()
+    one_round(make_pools(args.images, 0), tok, args.k, args.max_merged)               # warm-up: the word cache
+    rounds = []
+    for r in range(args.rounds):
+        rounds.append(one_round(make_pools(args.images, (r + 1) * args.images), tok, args.k, args.max_merged))
+        print(f'round {r + 1}: ' + ', '.join(f'{w} {1e6 * v:.0f} us' for w, v in rounds[-1].items()), flush=True)
+    per_image = {w: statistics.median(r[w] for r in rounds) for w in LABELS}
+    pools = make_pools(args.images, 0)
+    command = 'python benchmarks/caption_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    result = dict(command=command.strip(), machine=f'{platform.machine()}, {os.cpu_count()} cores',
+                  torch=torch.__version__, threads=torch.get_num_threads(),
+                  date=f'{datetime.now(timezone.utc):%Y-%m-%d}', images=args.images, k=args.k,
+                  max_merged=args.max_merged, rounds=args.rounds,
+                  sentences_per_pool_mean=sum(map(len, pools)) / len(pools),
+                  seconds_per_image=per_image,
+                  relative_to_string_path={w: per_image[w] / per_image['string path'] for w in LABELS},
+                  per_round=rounds)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
+    rows = '\n'.join(f'| {LABELS[w]} | {1e6 * per_image[w]:,.0f} | {result["relative_to_string_path"][w]:.2f}× |'
+                     for w in LABELS)
+    out.with_suffix('.md').write_text(f"""### Sub-captions as token ids: time per image
+
+Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. \
+Date: {result['date']}.
+
+| way | µs per image | time relative to the string path |
+|---|---|---|
+{rows}
+
+{args.images} images per round, $K = {args.k}$ sub-captions each from pools of \
+{result['sentences_per_pool_mean']:.1f} sentences on average (three Urban-1k captions per image), median of \
+{args.rounds} round{'s' if args.rounds > 1 else ''}, all three timed in the same run.
+""")
+    print(out.with_suffix('.md').read_text())
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,141 @@
+"""The teaching edition: notebooks committed with current outputs, citing only what a reader has.
+
+What a learner sees on GitHub or in Colab is the committed notebook, so these check the committed files:
+outputs present, current (`.ci/render.py --check`), free of errors, progress bars and oversized figures;
+references a reader can follow; one notation; the Colab badge and install cell.
+"""
+import base64, importlib.util, json, re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
+NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
+NUMBERED = [p for p in NOTEBOOKS if re.match(r'\d\d_', p.name)]
+
+
+def load_render():
+    spec = importlib.util.spec_from_file_location('render', ROOT / '.ci' / 'render.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = load_render()
+
+
+def cells(path: Path) -> list:
+    return json.loads(path.read_text(encoding='utf-8'))['cells']
+
+
+def src(cell) -> str:
+    return ''.join(cell['source'])
+
+
+def output_text(cell) -> str:
+    parts = []
+    for o in cell.get('outputs', []):
+        parts.append(''.join(o.get('text', '')))
+        for k, v in o.get('data', {}).items():
+            if k.startswith('text/'): parts.append(''.join(v))
+    return '\n'.join(parts)
+
+
+def test_outputs_are_current():
+    "Every notebook's code is what `.ci/render.py` last ran (CI's staleness check)."
+    stale = [p.name for p in NOTEBOOKS if render.read_record().get(p.name) != render.code_hash(p)]
+    assert not stale, f'{render.STALE} ({", ".join(stale)})'
+
+
+def test_check_fails_on_changed_code(tmp_path, monkeypatch):
+    "The check notices a changed code cell, and does not mind a changed markdown cell."
+    nb = json.loads(NOTEBOOKS[0].read_text(encoding='utf-8'))
+    path = tmp_path / NOTEBOOKS[0].name
+    path.write_text(json.dumps(nb))
+    monkeypatch.setattr(render, 'RECORD', tmp_path / 'rendered.json')
+    (tmp_path / 'rendered.json').write_text(json.dumps({path.name: render.code_hash(path)}))
+    assert render.check([path]) == 0
+    md = next(c for c in nb['cells'] if c['cell_type'] == 'markdown')
+    md['source'] = ['A new sentence.\n'] + md['source']
+    path.write_text(json.dumps(nb))
+    assert render.check([path]) == 0
+    code = next(c for c in nb['cells'] if c['cell_type'] == 'code')
+    code['source'] = code['source'] + ['\n# changed']
+    path.write_text(json.dumps(nb))
+    assert render.check([path]) == 1
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
+def test_rendered_outputs(path):
+    "Outputs are there, with no errors, no progress bars, no paths of the machine that rendered them, small figures."
+    cs = [c for c in cells(path) if c['cell_type'] == 'code']
+    ran = [c for c in cs if not render.skipped(src(c))]
+    assert any(c.get('outputs') for c in ran), f'{path.name}: no outputs committed; run .ci/render.py'
+    for c in cs:
+        for o in c.get('outputs', []):
+            assert o['output_type'] != 'error', f'{path.name}: an error output in {src(c)[:80]!r}'
+            text = ''.join(o.get('text', ''))
+            assert '\r' not in text and 'it/s]' not in text, f'{path.name}: progress-bar output in {src(c)[:80]!r}'
+            assert '/work/' not in text and '/tmp/' not in text, f'{path.name}: a machine path in {text[:120]!r}'
+            png = o.get('data', {}).get('image/png')
+            if png: assert len(base64.b64decode(''.join(png))) < 250_000, f'{path.name}: a figure over 250 kB'
+        if render.skipped(src(c)) and c.get('outputs'):
+            assert 'gpu' in render.directives(src(c)), f'{path.name}: a skipped non-GPU cell keeps outputs'
+
+
+def test_gpu_outputs_are_labelled():
+    "A GPU cell that keeps the output of its last GPU run has a note next to it saying which run."
+    for path in NOTEBOOKS:
+        cs = cells(path)
+        for i, c in enumerate(cs):
+            if c['cell_type'] == 'code' and 'gpu' in render.directives(src(c)) and c.get('outputs'):
+                near = ' '.join(src(x) for x in cs[max(0, i - 1):i + 2] if x['cell_type'] == 'markdown')
+                assert 'last GPU run' in near, f'{path.name}: GPU output without a "last GPU run" note'
+
+
+FORBIDDEN = [r'flair_spec', r'\bthe spec\b', r'\bspec\b', r'\bone-off\b', r'\bnot kept\b', r'development machine',
+             r'\bthe issue\b', r'\bissue (asked|says|lists)\b']
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
+def test_references_a_reader_can_follow(path):
+    "No pointers to documents, issues, machines or scripts the reader does not have (sources and outputs)."
+    for c in cells(path):
+        text = (src(c) + '\n' + output_text(c)).lower()
+        for pattern in FORBIDDEN:
+            assert not re.search(pattern, text), f'{path.name}: {pattern!r} in {src(c)[:100]!r}'
+        for m in re.finditer(r'\bissues?\b', text):
+            around = text[max(0, m.start() - 60):m.end() + 60]
+            assert 'github' in around or 'issue #' in around, f'{path.name}: "issue" in {around!r}'
+
+
+def math_of(path: Path) -> list:
+    return [m for c in cells(path) if c['cell_type'] == 'markdown' for m in re.findall(r'\$\$?([^$]+)\$\$?', src(c))]
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_notation(path):
+    "M is not a symbol (it had five meanings); the scale is written e^s, never e^{logit_scale}."
+    for m in math_of(path):
+        assert not re.search(r'(?<![\\\w])M(?![\w])', m), f'{path.name}: the symbol M in ${m}$'
+        assert 'logit\\_scale' not in m and 'logit_scale' not in m, f'{path.name}: write e^s, not ${m}$'
+
+
+def test_notation_table_in_index():
+    text = '\n'.join(src(c) for c in cells(NBS / 'index.ipynb'))
+    assert '## Notation' in text and '| $e^s$' not in text
+    for symbol in ('$B$', '$K$', '$N$', '$L$', '$D$', '$s$', '$b$', '$m$, $m_{\\max}$', '$N_I$, $N_T$', '$v_{ic}$'):
+        assert f'| {symbol} |' in text, f'notation table lacks {symbol}'
+    assert '## A course path' in text and 'min' in text
+
+
+@pytest.mark.parametrize('path', NUMBERED, ids=lambda p: p.stem)
+def test_open_in_colab(path):
+    "A badge that opens this very notebook from the repository, and an install cell that only runs in Colab."
+    cs = cells(path)
+    url = f'https://colab.research.google.com/github/flair-min/flair_min/blob/main/nbs/{path.name}'
+    assert any(url in src(c) for c in cs[:4] if c['cell_type'] == 'markdown'), f'{path.name}: no Colab badge'
+    install = [c for c in cs if c['cell_type'] == 'code' and "'google.colab' in sys.modules" in src(c)]
+    assert len(install) == 1 and render.skipped(src(install[0])), f'{path.name}: no Colab install cell'
+    assert 'git clone' in src(install[0]) and 'nbs' in src(install[0])
