@@ -210,7 +210,7 @@ def main(argv=None):
     print('options:', options, flush=True)
     plain = options['plain']
     result = dict(
-        command='python benchmarks/step_options.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+        command=' '.join(['python benchmarks/step_options.py', *(argv if argv is not None else sys.argv[1:])]),
         machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
         threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
         settings=dict(step_batch=args.batch, option_batch=args.option_batch, K=K, steps=args.steps,
