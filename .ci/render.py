@@ -8,7 +8,8 @@ Each notebook runs top to bottom in a fresh Jupyter kernel started in `nbs/`, as
 cells flagged `#| gpu`, `#| slow` or `#| eval: false`: those are not run and keep the outputs they have (a GPU cell's
 output comes from its last run on a GPU, and the notebook says so next to it). Before the first cell the kernel is
 seeded (`random`, NumPy, torch), progress bars are switched off, and figures are drawn as PNG at a modest
-resolution, so outputs are small and the same from one render to the next.
+resolution, so outputs are small and the same from one render to the next; temporary folders are written as
+`<tmp>` and wall times the CLI prints as `… s`.
 
 The render records, for each notebook, a hash of its code cells in `nbs/rendered.json`. `--check` recomputes the
 hashes and fails with "outputs stale: run .ci/render.py" when code changed after the last render, or when a
@@ -73,14 +74,24 @@ def notebooks(names=()) -> list:
     return chosen
 
 
+VOLATILE = [(re.compile(r'(?:/private)?/(?:tmp|var/folders/[\w/]+?)/tmp[\w-]+'), '<tmp>'),  # tempfile folders
+            (re.compile(r', \d+\.\d+ s$', re.M), ', … s')]                              # wall times the CLI prints
+
+
+def steady(text: str) -> str:
+    "`text` without what changes between runs or machines: this checkout's path, temporary folders, wall times."
+    text = text.replace(str(ROOT) + '/', '').replace(str(ROOT), '.')
+    for pattern, replacement in VOLATILE: text = pattern.sub(replacement, text)
+    return text
+
+
 def tidy(outputs: list) -> list:
-    "Drop execution counts and paths of this checkout from outputs, so they read the same on every machine."
-    root = str(ROOT)
+    "Outputs without execution counts and without what `steady` removes, so they read the same on every machine."
     for o in outputs:
         o.pop('execution_count', None)
-        if 'text' in o: o['text'] = o['text'].replace(root + '/', '').replace(root, '.')
+        if 'text' in o: o['text'] = steady(o['text'])
         for k, v in o.get('data', {}).items():
-            if k.startswith('text/') and isinstance(v, str): o['data'][k] = v.replace(root + '/', '').replace(root, '.')
+            if k.startswith('text/') and isinstance(v, str): o['data'][k] = steady(v)
     return outputs
 
 
