@@ -85,14 +85,24 @@ def steady(text: str) -> str:
     return text
 
 
+WIDGET = 'application/vnd.jupyter.widget-view+json'   # a live widget's id: new every run, and nothing without a kernel
+
+
 def tidy(outputs: list) -> list:
-    "Outputs without execution counts and without what `steady` removes, so they read the same on every machine."
+    "Outputs without execution counts, widget ids and what `steady` removes; a stream's pieces joined into one output."
+    kept = []
     for o in outputs:
         o.pop('execution_count', None)
         if 'text' in o: o['text'] = steady(o['text'])
-        for k, v in o.get('data', {}).items():
-            if k.startswith('text/') and isinstance(v, str): o['data'][k] = steady(v)
-    return outputs
+        data = o.get('data', {})
+        data.pop(WIDGET, None)
+        for k, v in data.items():
+            if k.startswith('text/') and isinstance(v, str): data[k] = steady(v)
+        last = kept[-1] if kept else {}
+        if o['output_type'] == 'stream' and last.get('output_type') == 'stream' and last['name'] == o['name']:
+            last['text'] += o['text']
+        else: kept.append(o)
+    return kept
 
 
 def render(nb_path: Path, timeout: int = 1200) -> dict:
