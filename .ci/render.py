@@ -32,7 +32,7 @@ random.seed(0); np.random.seed(0); torch.manual_seed(0)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 %matplotlib inline
 %config InlineBackend.figure_formats = ['png']
-matplotlib.rcParams.update({'figure.dpi': 72, 'savefig.dpi': 72})
+matplotlib.rcParams.update({'figure.dpi': 72, 'savefig.dpi': 'figure'})   # a figure may ask for more
 """
 
 
