@@ -1,4 +1,4 @@
-"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (08_train §13).
+"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (08_train §12).
 
     python benchmarks/step_options.py [--steps 10] [--option-steps 5] [--overhead-steps 5] [--out results/step_options]
 
