@@ -11,9 +11,10 @@ seeded (`random`, NumPy, torch), progress bars are switched off, and figures are
 resolution, so outputs are small and the same from one render to the next; temporary folders are written as
 `<tmp>` and wall times the CLI prints as `… s`.
 
-The render records, for each notebook, a hash of its code cells in `nbs/rendered.json`. `--check` recomputes the
-hashes and fails with "outputs stale: run .ci/render.py" when code changed after the last render, or when a
-notebook has no record. Markdown edits do not need a new render.
+The render records, for each notebook, a hash of its code cells and of the `results/` files they show in
+`nbs/rendered.json`. `--check` recomputes the hashes and fails with "outputs stale: run .ci/render.py" when code or
+a shown measurement changed after the last render, or when a notebook has no record. Markdown edits do not need a
+new render.
 """
 import argparse, hashlib, json, os, re, sys, time
 from pathlib import Path
@@ -53,11 +54,16 @@ def skipped(source: str) -> bool:
 
 
 def code_hash(nb_path: Path) -> str:
-    "sha256 of the notebook's code cells (their source only), in order."
+    "sha256 of the notebook's code cells (their source, in order) and of the results/ files they show."
     cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
     h = hashlib.sha256()
     for c in cells:
-        if c['cell_type'] == 'code': h.update(''.join(c['source']).encode() + b'\0')
+        if c['cell_type'] != 'code': continue
+        source = ''.join(c['source'])
+        h.update(source.encode() + b'\0')
+        for name in sorted(set(re.findall(r"\.\./results/[\w./-]+", source))):
+            shown = (NBS / name).resolve()
+            h.update(name.encode() + b'\0' + (shown.read_bytes() if shown.is_file() else b'missing') + b'\0')
     return h.hexdigest()
 
 
@@ -85,17 +91,17 @@ def steady(text: str) -> str:
     return text
 
 
-WIDGET = 'application/vnd.jupyter.widget-view+json'   # a live widget's id: new every run, and nothing without a kernel
+WIDGET = 'application/vnd.jupyter.widget-view+json'   # a live widget: a new id every run, nothing without a kernel
 
 
 def tidy(outputs: list) -> list:
-    "Outputs without execution counts, widget ids and what `steady` removes; a stream's pieces joined into one output."
+    "Outputs without execution counts, widgets and what `steady` removes; a stream's pieces joined into one output."
     kept = []
     for o in outputs:
         o.pop('execution_count', None)
         if 'text' in o: o['text'] = steady(o['text'])
         data = o.get('data', {})
-        data.pop(WIDGET, None)
+        if WIDGET in data: continue                     # a widget (a progress bar, an explorer) needs a live kernel
         for k, v in data.items():
             if k.startswith('text/') and isinstance(v, str): data[k] = steady(v)
         last = kept[-1] if kept else {}

@@ -88,7 +88,7 @@ def main(argv=None):
                      for w in LABELS)
     out.with_suffix('.md').write_text(f"""### Sub-captions as token ids: time per image
 
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. \
+Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
 Date: {result['date']}.
 
 | way | µs per image | time relative to the string path |

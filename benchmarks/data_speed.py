@@ -180,7 +180,7 @@ def main(argv=None):
     out.with_suffix('.md').write_text(
         f"### Training-data pipeline on the CPU\n\n"
         f"Command: `{result['command'].strip()}`. Machine: {result['machine']}, torch {result['torch']}, "
-        f"{result['threads']} threads. Date: {result['date']}.\n\n{table(t, loader, toy, csv_row)}\n\n"
+        f"threads: {result['threads']}. Date: {result['date']}.\n\n{table(t, loader, toy, csv_row)}\n\n"
         f"CC3M rows: {photos['images']} synthetic photos of CC3M's size (mean {photos['mean_kb']:.0f} kB, 512 px "
         f"shortest edge, JPEG quality 90) with sentence pools of {photos['pool_sentences']:.0f} sentences, 224-pixel "
         f"crops, K = 8. The caption CSV parses at {result['csv']['mb_per_s']:.0f} MB/s, so the "

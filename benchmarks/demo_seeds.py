@@ -29,7 +29,8 @@ HEADLINE = [('localization', 'pointing_game', "pointing game, the model's map"),
 def run(seed: int) -> Path:
     "Run the default demo for `seed` into runs/demo-seedN."
     out = ROOT / 'runs' / f'demo-seed{seed}'
-    subprocess.run([sys.executable, '-m', 'flair_min.cli', 'demo', '--seed', str(seed), '--out', str(out), '--quiet'],
+    relative = str(out.relative_to(ROOT))                     # metrics.json records it: no path of this machine
+    subprocess.run([sys.executable, '-m', 'flair_min.cli', 'demo', '--seed', str(seed), '--out', relative, '--quiet'],
                    check=True, cwd=ROOT)
     return out
 

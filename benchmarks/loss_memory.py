@@ -88,7 +88,7 @@ def markdown(result: dict) -> str:
                       f"{r['seconds_ratio']:.2f} |" for r in rows)
     spread = max(abs(r['loss'] - rows[0]['loss']) for r in rows)
     return f"""### FLAIR's loss, one forward + backward pass: peak memory and time (CPU, float32)
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. \
+Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
 Date: {result['date']}.
 
 | configuration | peak memory (MiB) | × baseline | CPU time / step (s) | × baseline | wall time / step (s) | \

@@ -176,7 +176,7 @@ def markdown(r: dict) -> str:
     header = (f"| variant ({r['images']} images × {r['texts']:,} texts, top-k {r['topk']}) | pairs/s | GFLOP/s "
               "| % of matmul (best / same moment) | peak MiB | speed-up | work ratio |\n|---|---|---|---|---|---|---|")
     return f"""### Retrieval scoring on the CPU: the fast path against the per-image loop
-Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, {r['threads']} threads. Date: {r['date']}.
+Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, threads: {r['threads']}. Date: {r['date']}.
 
 {header}
 {table}

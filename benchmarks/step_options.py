@@ -160,7 +160,7 @@ def markdown(r: dict) -> str:
                             f"{v['peak_mib']:.0f} | {v['memory_vs_plain']:.2f}× |" for name, v in o.items())
     return f"""### A training step on the CPU: flair_min's against a straightforward one, and the memory knobs
 
-Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, {r['threads']} threads. Date: {r['date']}.
+Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, threads: {r['threads']}. Date: {r['date']}.
 
 **One step** (tiny towers, CLIP vocabulary, {r['settings']['step_batch']} toy images × K = {r['settings']['K']}; \
 median of {r['settings']['steps']} steps):

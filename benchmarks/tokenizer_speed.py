@@ -124,7 +124,7 @@ def main(argv=None):
              f'| {args.long_word:,}-letter word, heap (`bpe_merge_fast`) | {heap:.3f} s | – | {loop / heap:,.0f}× |']
     out.with_suffix('.md').write_text(f"""### Tokenizer speed: the straightforward tokenizer against the cached one
 
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, {result['threads']} threads. \
+Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
 Date: {result['date']}.
 
 | what | time | captions/s | speed-up over the baseline |

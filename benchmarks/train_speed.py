@@ -152,7 +152,7 @@ def main(argv=None):
     out.with_suffix('.md').write_text(f"""### One FLAIR training step on the CPU
 ({result['model']}, {result['batch']}, fp32)
 
-Command: `{result['command']}`. Machine: {result['machine']}, {result['threads']} threads. Date: {result['date']}.
+Command: `{result['command']}`. Machine: {result['machine']}, threads: {result['threads']}. Date: {result['date']}.
 Texts: {result['text_tokens_mean']:.1f} tokens on average (with SOT/EOT), at most {result['text_tokens_max']}.
 Float32 matmul rate during the run: {min(rates):.0f}–{max(rates):.0f} GFLOP/s.
 

@@ -132,13 +132,13 @@ def _unreadable(path: Path, e: Exception, fix: str) -> ValueError:
 
 # %% ../nbs/03_checkpoint.ipynb #dd900552
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
-    "(1 + g², width) positional embeddings resampled to (1 + grid_size², width): bicubic, antialiased, class row kept."
-    cls, grid = pos_embed[:1], pos_embed[1:]                              # (1, width), (g², width)
-    g = math.isqrt(grid.shape[0])
-    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()          # (1, width, g, g)
-    grid = F.interpolate(grid, size=(grid_size, grid_size), mode='bicubic', antialias=True, align_corners=False)
-    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid_size ** 2, -1)  # (grid_size², width)
-    return torch.cat([cls, grid])                                         # (1 + grid_size², width)
+    "(1 + old_grid², width) positional embeddings → (1 + grid_size², width): bicubic, antialiased, class row kept."
+    cls, patches = pos_embed[:1], pos_embed[1:]                           # (1, width), (old_grid², width)
+    old_grid = math.isqrt(patches.shape[0])
+    patches = patches.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()  # (1, width, old_grid, old_grid)
+    patches = F.interpolate(patches, size=(grid_size, grid_size), mode='bicubic', antialias=True, align_corners=False)
+    patches = patches.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid_size ** 2, -1)  # (grid_size², width)
+    return torch.cat([cls, patches])                                         # (1 + grid_size², width)
 
 def fit_state_dict(model: nn.Module, state_dict: dict) -> dict:
     "The state dict as the official loader adapts it: a missing logit_bias set to 0; the patch grid resampled."

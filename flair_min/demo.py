@@ -72,7 +72,7 @@ class DemoConfig:
 
     @classmethod
     def long(cls, **overrides) -> 'DemoConfig':
-        "The 20-odd-minute variant (the lesson's end): 48-pixel images, one 16-pixel patch per cell, 4× the steps."
+        "The 20-odd-minute variant (the lesson's end): 48-pixel images, one 16-pixel patch per cell, 3,200 steps."
         return replace(cls(out='runs/demo-long', image_size=48, patch_size=16, steps=3200, warmup=200), **overrides)
 
 # %% ../nbs/13_demo.ipynb #06c0eb85

@@ -102,7 +102,7 @@ def map_on_image(map_: torch.Tensor, width: int, height: int) -> np.ndarray:
     return out
 
 def overlay(ax, image, map_: torch.Tensor, title: str = '', normalise: bool = True):
-    "Draw `image` (PIL or (H, W, 3) uint8) with the map in red, alpha = map / max (the official picture)."
+    "Draw `image` (PIL or (H, W, 3) uint8) with the map in red, alpha = the map rescaled to [0, 1] (official: / max)."
     image = np.asarray(image.convert('RGB') if isinstance(image, Image.Image) else image)
     heat = map_on_image(map_, image.shape[1], image.shape[0])
     if normalise: heat = heat - np.nanmin(heat); heat = heat / max(float(np.nanmax(heat)), 1e-12)

@@ -122,27 +122,27 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight); nn.init.zeros_(self.out_proj.bias)  # as nn.MultiheadAttention
 
     def project(self, x_q, x_k, x_v):
-        "Queries, keys and values split into heads, (B, H, N, d) and (B, H, L(+1), d)."
+        "Queries, keys and values split into heads, (B, heads, N, head_dim) and (B, heads, L(+1), head_dim)."
         if x_q is x_k and x_k is x_v:  # self-attention: one matrix product for all three
             q, k, v = F.linear(x_q, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
         else:
             weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
             q, k, v = (F.linear(x, w, b) for x, w, b in zip((x_q, x_k, x_v), weights, biases))
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, ·, d)
-        if self.add_zero_attn: k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))      # (B, H, L+1, d)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, ·, head_dim)
+        if self.add_zero_attn: k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))      # (B, heads, L+1, head_dim)
         return q, k, v
 
     def forward(self, x_q, x_k, x_v, causal: bool = False, need_weights: bool = False, mask=None):
-        "Output (B, N, width) [, per-head weights (B, H, N, L(+1))]; `mask` (B, 1, N, L): True where a query may look."
+        "Output (B, N, width) [, weights (B, heads, N, L(+1))]; `mask` (B, 1, N, L): True where a query may look."
         q, k, v = self.project(x_q, x_k, x_v)
         weights = None
         if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                          # (B, H, N, L)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                          # (B, heads, N, L)
             if causal: scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), -math.inf)
             weights = scores.softmax(-1)
-            out = weights @ v                                                                    # (B, H, N, d)
+            out = weights @ v                                                               # (B, heads, N, head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)     # (B, H, N, d)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, heads, N, head_dim)
         return self.out_proj(out.transpose(1, 2).flatten(2)), weights                            # (B, N, width)
 
 # %% ../nbs/02_model.ipynb #771f78cf
@@ -196,8 +196,8 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         "Patch tokens with the class token in front and positions added, after ln_pre: (B, 1+L, width)."
-        x = self.conv1(images.to(self.conv1.weight.dtype))              # (B, width, g, g)
-        x = x.flatten(2).transpose(1, 2)                                 # (B, L, width), L = g*g, row-major
+        x = self.conv1(images.to(self.conv1.weight.dtype))              # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)                                 # (B, L, width), L = grid*grid, row-major
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+L, width)
         return self.ln_pre(x)

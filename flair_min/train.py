@@ -119,7 +119,7 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(s in name for s in ('ln', 'bias', 'logit_scale'))
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "Two AdamW groups, as OpenCLIP: gains/biases/temperature without decay, then the weights with `weight_decay`."
+    "Two AdamW groups, as OpenCLIP: gains/biases/logit scale without decay, then the weights with `weight_decay`."
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{'params': [p for n, p in named if not is_decayed(n, p)], 'weight_decay': 0.0},
             {'params': [p for n, p in named if is_decayed(n, p)], 'weight_decay': weight_decay}]
@@ -208,7 +208,7 @@ def clamp_logit_scale_(model: nn.Module) -> None:
     with torch.no_grad(): model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 def optimizer_step(model, optimizer, scheduler, scaler, grad_clip_norm: float | None = None) -> None:
-    "Unscale and clip the gradients, step optimizer and schedule, clamp the temperature, zero the gradients."
+    "Unscale and clip the gradients, step optimizer and schedule, clamp the scale, zero the gradients."
     if grad_clip_norm is not None:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)

@@ -66,6 +66,32 @@ def test_check_fails_on_changed_code(tmp_path, monkeypatch):
     assert render.check([path]) == 1
 
 
+def test_check_follows_the_results_a_notebook_shows(tmp_path, monkeypatch):
+    "A cell that shows a results/ file makes the notebook stale when that file changes."
+    (tmp_path / 'nbs').mkdir(); (tmp_path / 'results').mkdir()
+    shown = tmp_path / 'results' / 'speed.md'
+    shown.write_text('| a | 1 |')
+    nb = {'cells': [{'cell_type': 'code', 'source': ["Markdown(Path('../results/speed.md').read_text())"]}]}
+    path = tmp_path / 'nbs' / 'x.ipynb'
+    path.write_text(json.dumps(nb))
+    monkeypatch.setattr(render, 'NBS', tmp_path / 'nbs')
+    monkeypatch.setattr(render, 'RECORD', tmp_path / 'nbs' / 'rendered.json')
+    render.RECORD.write_text(json.dumps({path.name: render.code_hash(path)}))
+    assert render.check([path]) == 0
+    shown.write_text('| a | 2 |')
+    assert render.check([path]) == 1
+
+
+def test_tidy_makes_outputs_steady():
+    "Temporary folders, CLI wall times and live widgets go; a stream's pieces become one output."
+    outputs = [{'output_type': 'stream', 'name': 'stdout', 'text': 'saved /tmp/tmpab12_x/run.pt\n'},
+               {'output_type': 'stream', 'name': 'stdout', 'text': 'coco: 6 images, topk scoring, 0.02 s\n'},
+               {'output_type': 'display_data', 'data': {render.WIDGET: {'model_id': 'f00'}, 'text/plain': '0%|'}}]
+    tidied = render.tidy(outputs)
+    assert tidied == [{'output_type': 'stream', 'name': 'stdout',
+                       'text': 'saved <tmp>/run.pt\ncoco: 6 images, topk scoring, … s\n'}]
+
+
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_rendered_outputs(path):
     "Outputs are there, with no errors, no progress bars, no paths of the machine that rendered them, small figures."
@@ -75,8 +101,11 @@ def test_rendered_outputs(path):
     for c in cs:
         for o in c.get('outputs', []):
             assert o['output_type'] != 'error', f'{path.name}: an error output in {src(c)[:80]!r}'
-            text = ''.join(o.get('text', ''))
-            assert '\r' not in text and 'it/s]' not in text, f'{path.name}: progress-bar output in {src(c)[:80]!r}'
+            text = ''.join(o.get('text', '')) + ''.join(''.join(v) for k, v in o.get('data', {}).items()
+                                                         if k.startswith('text/'))
+            assert render.WIDGET not in o.get('data', {}), f'{path.name}: a live widget in {src(c)[:80]!r}'
+            bar = '\r' in text or re.search(r'\d+%\|', text)
+            assert not bar, f'{path.name}: a progress bar in {src(c)[:80]!r}'
             assert '/work/' not in text and '/tmp/' not in text, f'{path.name}: a machine path in {text[:120]!r}'
             png = o.get('data', {}).get('image/png')
             if png: assert len(base64.b64decode(''.join(png))) < 250_000, f'{path.name}: a figure over 250 kB'
