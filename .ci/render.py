@@ -1,6 +1,6 @@
 """Render the notebooks: run them on the CPU with fixed seeds and commit what they show.
 
-    python .ci/render.py                      # every notebook in nbs/ (about ten minutes on two cores)
+    python .ci/render.py                      # every notebook in nbs/ (a few minutes on two cores)
     python .ci/render.py 02_model 04_losses   # only these
     python .ci/render.py --check              # CI: fail if a notebook's code changed since its outputs were made
 
@@ -8,8 +8,9 @@ Each notebook runs top to bottom in a fresh Jupyter kernel started in `nbs/`, as
 cells flagged `#| gpu`, `#| slow` or `#| eval: false`: those are not run and keep the outputs they have (a GPU cell's
 output comes from its last run on a GPU, and the notebook says so next to it). Before the first cell the kernel is
 seeded (`random`, NumPy, torch), progress bars are switched off, and figures are drawn as PNG at a modest
-resolution, so outputs are small and the same from one render to the next; temporary folders are written as
-`<tmp>` and wall times the CLI prints as `… s`.
+resolution (72 dpi unless a figure asks for more). Outputs are then made steady: temporary folders are written as
+`<tmp>`, wall times the CLI prints as `… s`, a stream's pieces are joined, and widgets (which need a live kernel:
+`tqdm.auto` bars, the explorer of `11_localization`) are dropped, so a second render changes nothing.
 
 The render records, for each notebook, a hash of its code cells and of the `results/` files they show in
 `nbs/rendered.json`. `--check` recomputes the hashes and fails with "outputs stale: run .ci/render.py" when code or
