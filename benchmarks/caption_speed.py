@@ -15,14 +15,14 @@ real dataset, where the tokenizer's text cache rarely sees a sentence twice). Pe
 A warm-up round fills the tokenizer's per-word cache, then `--rounds` rounds, each on fresh pools (new image
 numbers); a figure is the median over the rounds. Writes OUT.json and OUT.md.
 """
-import argparse, json, os, platform, statistics, sys, time
-from datetime import datetime, timezone
+import argparse, json, os, statistics, time
 from pathlib import Path
 
 import torch
 
 from flair_min.captions import sample_subcaption_tokens, sample_subcaptions, split_caption, tokenize_pool
 from flair_min.tokenizer import SimpleTokenizer
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / 'data' / 'annotations' / 'urban1k_annotations_excerpt.json'
@@ -72,34 +72,22 @@ def main(argv=None):
         print(f'round {r + 1}: ' + ', '.join(f'{w} {1e6 * v:.0f} us' for w, v in rounds[-1].items()), flush=True)
     per_image = {w: statistics.median(r[w] for r in rounds) for w in LABELS}
     pools = make_pools(args.images, 0)
-    command = 'python benchmarks/caption_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    result = dict(command=command.strip(), machine=f'{platform.machine()}, {os.cpu_count()} cores',
-                  torch=torch.__version__, threads=torch.get_num_threads(),
-                  date=f'{datetime.now(timezone.utc):%Y-%m-%d}', images=args.images, k=args.k,
+    result = dict(**run_facts('caption_speed.py', argv), images=args.images, k=args.k,
                   max_merged=args.max_merged, rounds=args.rounds,
                   sentences_per_pool_mean=sum(map(len, pools)) / len(pools),
                   seconds_per_image=per_image,
                   relative_to_string_path={w: per_image[w] / per_image['string path'] for w in LABELS},
                   per_round=rounds)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
     rows = '\n'.join(f'| {LABELS[w]} | {1e6 * per_image[w]:,.0f} | {result["relative_to_string_path"][w]:.2f}× |'
                      for w in LABELS)
-    out.with_suffix('.md').write_text(f"""### Sub-captions as token ids: time per image
-
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
-Date: {result['date']}.
-
+    write_results(args.out, result, 'Sub-captions as token ids: time per image', f"""
 | way | µs per image | time relative to the string path |
 |---|---|---|
 {rows}
 
 {args.images} images per round, $K = {args.k}$ sub-captions each from pools of \
 {result['sentences_per_pool_mean']:.1f} sentences on average (three Urban-1k captions per image), median of \
-{args.rounds} round{'s' if args.rounds > 1 else ''}, all three timed in the same run.
-""")
-    print(out.with_suffix('.md').read_text())
+{args.rounds} round{'s' if args.rounds > 1 else ''}, all three timed in the same run.""")
 
 
 if __name__ == '__main__':

@@ -9,8 +9,7 @@ times whole DataLoader epochs of local tar shards with 0, 1 and 2 workers; part 
 data/toy exists; part 4 how fast the DreamLIP caption CSV parses. Everything is measured within one run, so the
 ratios hold on a busy machine even when the absolute numbers move. Writes OUT.json and OUT.md.
 """
-import argparse, csv, io, json, os, platform, random, sys, tempfile, time
-from datetime import datetime, timezone
+import argparse, csv, io, json, random, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from flair_min.data import (expand_urls, make_pipeline, make_train_loader, raw_i
                             sentence_pool, tar_samples, write_shard)
 from flair_min.model import image_transform
 from flair_min.tokenizer import SimpleTokenizer
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_CSV_GB = 6.34                                   # size of DreamLIP's CC3M caption CSV on the hub (06_cc3m)
@@ -156,7 +156,6 @@ def main(argv=None):
     parser.add_argument('--toy-repeat', type=int, default=20, help='passes over the toy-world samples')
     parser.add_argument('--out', default=str(ROOT / 'results' / 'data_speed'), help='writes OUT.json and OUT.md')
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     t, raws, photos = piece_timings(args.images)
     for name, ms in t.items(): print(f'  {name:75} {ms:8.3f} ms')
@@ -166,26 +165,18 @@ def main(argv=None):
     toy = toy_ms(args.toy_repeat)
     with tempfile.TemporaryDirectory() as tmp: csv_row = csv_ms_per_row(Path(tmp), args.csv_rows)
     whole, mb_per_s = t['whole sample, draft=False'], csv_row[1] / csv_row[0]
-    result = dict(command='python benchmarks/data_speed.py ' + ' '.join(argv),
-                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-                  threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
+    result = dict(**run_facts('data_speed.py', argv),
                   photos=photos, ms_per_image=t, speedup_over_full_fidelity={
                       k: whole / t[k] for k in ('whole sample, draft=True', 'whole sample, images stored at 256 px')},
                   loader_images_per_s=loader, toy_ms_per_sample=toy,
                   csv=dict(rows=args.csv_rows, ms_per_row=csv_row[0], kb_per_row=csv_row[1], mb_per_s=mb_per_s,
                            hub_csv_minutes=HUB_CSV_GB * 1e3 / mb_per_s / 60))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
-    out.with_suffix('.md').write_text(
-        f"### Training-data pipeline on the CPU\n\n"
-        f"Command: `{result['command'].strip()}`. Machine: {result['machine']}, torch {result['torch']}, "
-        f"threads: {result['threads']}. Date: {result['date']}.\n\n{table(t, loader, toy, csv_row)}\n\n"
+    write_results(args.out, result, 'Training-data pipeline on the CPU',
+        f"{table(t, loader, toy, csv_row)}\n\n"
         f"CC3M rows: {photos['images']} synthetic photos of CC3M's size (mean {photos['mean_kb']:.0f} kB, 512 px "
         f"shortest edge, JPEG quality 90) with sentence pools of {photos['pool_sentences']:.0f} sentences, 224-pixel "
         f"crops, K = 8. The caption CSV parses at {result['csv']['mb_per_s']:.0f} MB/s, so the "
-        f"{HUB_CSV_GB} GB hub file takes about {result['csv']['hub_csv_minutes']:.1f} minutes.\n")
-    print(out.with_suffix('.md').read_text())
+        f"{HUB_CSV_GB} GB hub file takes about {result['csv']['hub_csv_minutes']:.1f} minutes.")
 
 
 if __name__ == '__main__':

@@ -12,11 +12,12 @@ of the process), and its peak memory is the growth of the peak resident set (ru_
 before the first step, with glibc's malloc told to return large blocks to the system at once. Every figure is also
 given as a ratio to the first configuration (all pairs at once), measured in the same run.
 """
-import argparse, json, os, platform, resource, subprocess, sys, time
-from datetime import datetime, timezone
+import argparse, json, os, resource, subprocess, sys, time
 from pathlib import Path
 
 import torch
+
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: (chunk_size, recompute)
@@ -80,19 +81,18 @@ def run_all(a) -> list[dict]:
     return rows
 
 
+TITLE = "FLAIR's loss, one forward + backward pass: peak memory and time (CPU, float32)"
+
+
 def markdown(result: dict) -> str:
-    "The results file: title, command line, table, two sentences."
+    "The body of the results note: table, two sentences."
     s, rows = result['setup'], result['rows']
     table = '\n'.join(f"| {r['name']} | {r['peak_bytes'] / 2**20:.0f} | {r['peak_ratio']:.2f} | "
                       f"{r['cpu_seconds']:.2f} | {r['cpu_seconds_ratio']:.2f} | {r['seconds']:.2f} | "
                       f"{r['seconds_ratio']:.2f} |" for r in rows)
     spread = max(abs(r['loss'] - rows[0]['loss']) for r in rows)
-    return f"""### FLAIR's loss, one forward + backward pass: peak memory and time (CPU, float32)
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
-Date: {result['date']}.
-
-| configuration | peak memory (MiB) | × baseline | CPU time / step (s) | × baseline | wall time / step (s) | \
-× baseline |
+    return f"""| configuration | peak memory (MiB) | × baseline | CPU time / step (s) | × baseline | \
+wall time / step (s) | × baseline |
 |---|---|---|---|---|---|---|
 {table}
 
@@ -119,14 +119,8 @@ def main(argv=None):
         print(json.dumps(measure(a.one, a.batch, a.captions, a.dim, a.tokens, a.repeats, a.threads))); return
     setup = dict(batch=a.batch, captions=a.captions, dim=a.dim, tokens=a.tokens, repeats=a.repeats,
                  pairs=a.batch * (a.captions + a.batch - 1))
-    result = dict(command=' '.join(['python benchmarks/loss_memory.py', *argv]),
-                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-                  threads=a.threads, date=f'{datetime.now(timezone.utc):%Y-%m-%d}', setup=setup, rows=run_all(a))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
-    out.with_suffix('.md').write_text(markdown(result))
-    print(out.with_suffix('.md').read_text())
+    result = dict(**run_facts('loss_memory.py', argv, threads=a.threads), setup=setup, rows=run_all(a))
+    write_results(a.out, result, TITLE, markdown(result))
 
 
 if __name__ == '__main__':

@@ -18,14 +18,14 @@ variant, scoring all images at once).
 Writes OUT.json (the data, with the command, machine, torch version, threads and date) and OUT.md (the table that
 09_retrieval §5 shows); OUT defaults to results/retrieval_speed.
 """
-import argparse, ctypes, json, os, platform, sys, time
-from datetime import datetime, timezone
+import argparse, ctypes, sys, time
 from pathlib import Path
 
 import torch
 
 from flair_min.model import TextConditionedPooling
 from flair_min.retrieval import DEFAULT_CHUNK_SIZE, per_image_scores, pooling_weights, prepare_texts, score_embeddings
+from results_file import run_facts, write_results
 
 D, L, HEADS = 512, 196, 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,9 +149,7 @@ def main(argv=None):
                           pct_of_same_moment_matmul=100 * median(relative[name]),
                           peak_mib=memory[name], speedup=speed[name] / base,
                           work_ratio=flops(mode, False, n_images, n_texts, k) / flops(mode, fast, n_images, n_texts, k))
-    result = dict(command=' '.join(['python benchmarks/retrieval_speed.py', *argv]),
-                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-                  threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
+    result = dict(**run_facts('retrieval_speed.py', argv),
                   images=n_images, texts=n_texts, topk=k, embed_dim=D, local_tokens=L, heads=HEADS,
                   chunk_size=args.chunk_size, block=args.block, repeats=args.repeats,
                   matmul_gflops=rates, max_abs_diff_fast_vs_loop=diff, variants=rows,
@@ -159,15 +157,14 @@ def main(argv=None):
                   flop_per_pair={'fast': flops('flair', True, 1, 1, 0) - flops('flair', True, 1, 0, 0),
                                  'per_image_loop': flops('flair', False, 1, 1, 0) - flops('flair', False, 1, 0, 0)},
                   flop_per_image_keys_values=flops('flair', True, 1, 0, 0))
-    out = Path(args.out) if args.out else ROOT / 'results' / 'retrieval_speed'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
-    out.with_suffix('.md').write_text(markdown(result))
-    print(out.with_suffix('.md').read_text())
+    write_results(args.out or ROOT / 'results' / 'retrieval_speed', result, TITLE, markdown(result))
+
+
+TITLE = 'Retrieval scoring on the CPU: the fast path against the per-image loop'
 
 
 def markdown(r: dict) -> str:
-    "The results as Markdown: title, command line, table, two sentences."
+    "The body of the results note: table, two sentences."
     table = '\n'.join(
         f"| {name} | {v['pairs_per_s']:,.0f} | {v['gflops']:.1f} | {v['pct_of_best_matmul']:.0f}% / "
         f"{v['pct_of_same_moment_matmul']:.0f}% | {v['peak_mib']:.0f} | {v['speedup']:.2f}× | {v['work_ratio']:.2f}× |"
@@ -175,10 +172,7 @@ def markdown(r: dict) -> str:
     rates = r['matmul_gflops']
     header = (f"| variant ({r['images']} images × {r['texts']:,} texts, top-k {r['topk']}) | pairs/s | GFLOP/s "
               "| % of matmul (best / same moment) | peak MiB | speed-up | work ratio |\n|---|---|---|---|---|---|---|")
-    return f"""### Retrieval scoring on the CPU: the fast path against the per-image loop
-Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, threads: {r['threads']}. Date: {r['date']}.
-
-{header}
+    return f"""{header}
 {table}
 
 The float32 matrix-product rate (1024³) was {min(rates):.0f}–{max(rates):.0f} GFLOP/s during the run; speed-ups are \

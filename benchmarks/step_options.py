@@ -20,9 +20,8 @@ Three measurements, all single-threaded (`--threads 1`) and with the tiny towers
 
 Ratios are against the baseline of the same run. Writes OUT.json and OUT.md (command, machine, date, figures).
 """
-import argparse, json, math, os, platform, random, sys, time
+import argparse, math, random, time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from flair_min.model import FLAIR, FlairConfig
 from flair_min.tokenizer import SimpleTokenizer
 from flair_min.toyworld import make_scene
 from flair_min.train import Trainer, TrainConfig, create_optimizer
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_NAMES = {'flair_min': "flair_min's step", 'naive': 'straightforward step'}
@@ -149,8 +149,11 @@ def compare_options(B: int = 64, K: int = 8, n: int = 5, seed: int = 0, chunk: i
     return {name: (B / seconds[name], peak_memory_mib(fn)) for name, fn in steps.items()}
 
 
+TITLE = "A training step on the CPU: flair_min's against a straightforward one, and the memory knobs"
+
+
 def markdown(r: dict) -> str:
-    "The results file: title, command line, three tables, two sentences."
+    "The body of the results note: three tables, two sentences."
     s, o = r['steps'], r['options']
     step_rows = '\n'.join(f"| {STEP_NAMES[name]} | {v['samples_per_s']:.1f} | {v['speed_vs_naive']:.2f}× | "
                           f"{v['peak_mib']:.0f} |" for name, v in s.items())
@@ -158,12 +161,8 @@ def markdown(r: dict) -> str:
                           for b, v in r['overheads_ms'].items())
     option_rows = '\n'.join(f"| `{name}` | {v['samples_per_s']:.1f} | {v['speed_vs_plain']:.2f}× | "
                             f"{v['peak_mib']:.0f} | {v['memory_vs_plain']:.2f}× |" for name, v in o.items())
-    return f"""### A training step on the CPU: flair_min's against a straightforward one, and the memory knobs
-
-Command: `{r['command']}`. Machine: {r['machine']}, torch {r['torch']}, threads: {r['threads']}. Date: {r['date']}.
-
-**One step** (tiny towers, CLIP vocabulary, {r['settings']['step_batch']} toy images × K = {r['settings']['K']}; \
-median of {r['settings']['steps']} steps):
+    return f"""**One step** (tiny towers, CLIP vocabulary, {r['settings']['step_batch']} toy images × \
+K = {r['settings']['K']}; median of {r['settings']['steps']} steps):
 
 | step | samples/s | speed vs straightforward | peak tensor memory (MiB) |
 |---|---|---|---|
@@ -210,9 +209,7 @@ def main(argv=None):
     print('options:', options, flush=True)
     plain = options['plain']
     result = dict(
-        command=' '.join(['python benchmarks/step_options.py', *(argv if argv is not None else sys.argv[1:])]),
-        machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-        threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
+        **run_facts('step_options.py', argv),
         settings=dict(step_batch=args.batch, option_batch=args.option_batch, K=K, steps=args.steps,
                       option_steps=args.option_steps, overhead_steps=args.overhead_steps),
         steps={name: dict(samples_per_s=v[0], peak_mib=v[1], speed_vs_naive=v[0] / steps['naive'][0])
@@ -221,11 +218,7 @@ def main(argv=None):
         options={name: dict(samples_per_s=v[0], peak_mib=v[1], speed_vs_plain=v[0] / plain[0],
                             memory_vs_plain=v[1] / plain[1]) for name, v in options.items()},
         wall_s=time.perf_counter() - started)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
-    out.with_suffix('.md').write_text(markdown(result))
-    print(out.with_suffix('.md').read_text())
+    write_results(args.out, result, TITLE, markdown(result))
     print(f'{result["wall_s"]:.0f} s')
 
 

@@ -14,17 +14,18 @@ a small vocabulary), each ending in its own 'Scene <i>.' so no two are equal. Ti
 * the two stages the fast tokenizer cannot cache: cleaning (`clean_text`) and pre-tokenizing (`pre_tokenize`).
 
 Long word: one `--long-word`-letter string without a space (random.Random(0) letters), merged by the rescanning
-loop `bpe_merge` (the baseline, timed once: it is slow) and by the heap `bpe_merge_fast` (median over the rounds).
+loop `bpe_merge` (the baseline, timed once: it is slow) and by the heap `bpe_merge_fast` (median over the rounds);
+the rank look-ups of both are counted too, a figure the same on every machine.
 Writes OUT.json and OUT.md.
 """
-import argparse, json, os, platform, random, statistics, string, sys, time
-from datetime import datetime, timezone
+import argparse, os, random, statistics, string, time
 from pathlib import Path
 
 import torch
 
 from flair_min.tokenizer import (SOT, EOT, SimpleTokenizer, bpe_merge, bpe_merge_fast, build_vocab,
                                  bytes_to_unicode, clean_text, load_merges, pre_tokenize)
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ('the a white small red dog puppy sits on wooden floor next to green plant in pot while sunlight '
@@ -53,6 +54,20 @@ class NaiveTokenizer:
             if piece in (SOT, EOT): ids.append(self.encoder[piece]); continue
             ids += [self.encoder[s] for s in bpe_merge(self.symbols(piece), self.ranks)]
         return ids
+
+
+class CountingRanks(dict):
+    "A merge-rank table that counts its look-ups, as `00_tokenizer`'s check does: the work BPE does."
+    def __init__(self, *args): super().__init__(*args); self.lookups = 0
+    def get(self, pair, default=None): self.lookups += 1; return super().get(pair, default)
+    def __contains__(self, pair): self.lookups += 1; return super().__contains__(pair)
+
+
+def lookups(merge, symbols: list[str], ranks: dict) -> int:
+    "Rank look-ups `merge` makes on `symbols`."
+    counting = CountingRanks(ranks)
+    merge(symbols, counting)
+    return counting.lookups
 
 
 def make_captions(n: int, seed: int = 0) -> list[str]:
@@ -101,41 +116,33 @@ def main(argv=None):
     heap = statistics.median(seconds(lambda: bpe_merge_fast(naive.symbols(word), naive.ranks))
                              for _ in range(args.rounds))
     print(f'{args.long_word}-letter word: loop {loop:.2f} s, heap {heap:.3f} s', flush=True)
+    counts = {'loop': lookups(bpe_merge, naive.symbols(word), naive.ranks),
+              'heap': lookups(bpe_merge_fast, naive.symbols(word), naive.ranks)}
 
     base = per_caption['straightforward']
-    command = 'python benchmarks/tokenizer_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    result = dict(command=command.strip(),
-                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-                  threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
+    result = dict(**run_facts('tokenizer_speed.py', argv),
                   captions=args.captions, naive_captions=n_naive, words_per_caption=60, rounds=args.rounds,
                   seconds_per_caption=per_caption,
                   captions_per_second={k: 1 / v for k, v in per_caption.items()},
                   speedup_over_straightforward={k: base / per_caption[k] for k in
                                                 ('straightforward', 'fast, cold', 'fast, repeated')},
                   long_word_letters=args.long_word, long_word_seconds={'loop': loop, 'heap': heap},
-                  long_word_speedup=loop / heap, per_round=rounds)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
+                  long_word_speedup=loop / heap, long_word_rank_lookups=counts, per_round=rounds)
     rows = [f'| {LABELS[k]} | {1e6 * per_caption[k]:,.0f} µs per caption | {1 / per_caption[k]:,.0f} | '
             + (f'{result["speedup_over_straightforward"][k]:.1f}× |' if k in result['speedup_over_straightforward']
                else '– |') for k in per_caption]
     rows += [f'| {args.long_word:,}-letter word, merge loop (`bpe_merge`) | {loop:.2f} s | – | 1.0× |',
              f'| {args.long_word:,}-letter word, heap (`bpe_merge_fast`) | {heap:.3f} s | – | {loop / heap:,.0f}× |']
-    out.with_suffix('.md').write_text(f"""### Tokenizer speed: the straightforward tokenizer against the cached one
-
-Command: `{result['command']}`. Machine: {result['machine']}, torch {result['torch']}, threads: {result['threads']}. \
-Date: {result['date']}.
-
+    rows = '\n'.join(rows)
+    write_results(args.out, result, 'Tokenizer speed: the straightforward tokenizer against the cached one', f"""
 | what | time | captions/s | speed-up over the baseline |
 |---|---|---|---|
-""" + '\n'.join(rows) + f"""
+{rows}
 
 {args.captions:,} distinct 60-word captions ({n_naive:,} for the straightforward tokenizer), \
 median of {args.rounds} round{'s' if args.rounds > 1 else ''}; the baseline is the straightforward tokenizer \
-for captions and the merge loop for the long word, both timed in the same run.
-""")
-    print(out.with_suffix('.md').read_text())
+for captions and the merge loop for the long word, both timed in the same run. Rank look-ups for the long word, \
+the same on every machine: {counts['loop']:,} in the loop, {counts['heap']:,} with the heap.""")
 
 
 if __name__ == '__main__':

@@ -8,13 +8,11 @@ drawing, sentences, masks) and JPEG encoding (`encode_image`), in CPU time; then
 and the CPU time of all processes (the wall time depends on what else the machine runs; the CPU time much less).
 Writes OUT.json and OUT.md.
 """
-import argparse, json, os, platform, resource, sys, tempfile, time
-from datetime import datetime, timezone
+import argparse, resource, tempfile, time
 from pathlib import Path
 
-import torch
-
 from flair_min.toyworld import encode_image, make_scene, write_shards
+from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +41,6 @@ def main(argv=None):
     parser.add_argument('--workers', type=int, default=2, help='processes writing shards')
     parser.add_argument('--out', default=str(ROOT / 'results' / 'toy_write_speed'), help='writes OUT.json and OUT.md')
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     for s in [make_scene(args.scenes + i) for i in range(20)]: encode_image(s.image)           # warm-up
     tic = time.process_time(); scenes = [make_scene(i) for i in range(args.scenes)]          # CPU time, like the
     make_ms = 1000 * (time.process_time() - tic) / args.scenes                              # shard-writing row
@@ -51,9 +48,7 @@ def main(argv=None):
     jpeg_ms = 1000 * (time.process_time() - tic) / args.scenes
     wall, cpu, size = timed_write(args.samples, samples_per_shard=args.samples_per_shard, workers=args.workers)
     shards = -(-args.samples // args.samples_per_shard)
-    result = dict(command='python benchmarks/toy_write_speed.py ' + ' '.join(argv),
-                  machine=f'{platform.machine()}, {os.cpu_count()} cores', torch=torch.__version__,
-                  threads=torch.get_num_threads(), date=f'{datetime.now(timezone.utc):%Y-%m-%d}',
+    result = dict(**run_facts('toy_write_speed.py', argv),
                   scenes=args.scenes, make_scene_ms=make_ms, jpeg_ms=jpeg_ms, make_scene_over_jpeg=make_ms / jpeg_ms,
                   samples=args.samples, shards=shards, workers=args.workers, write_wall_s=wall, write_cpu_s=cpu,
                   write_mib=size / 2**20)
@@ -69,16 +64,9 @@ def main(argv=None):
              1000 * wall / args.samples / jpeg_ms)]
     table = '\n'.join(['| measurement | seconds | ms per sample | relative to JPEG encoding |', '|---|---|---|---|',
                        *(f'| {name} | {s:.2f} | {ms:.3f} | {rel:.1f}× |' for name, s, ms, rel in rows)])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1) + '\n')
-    out.with_suffix('.md').write_text(
-        f"### Writing toy-world training shards on the CPU\n\n"
-        f"Command: `{result['command'].strip()}`. Machine: {result['machine']}, torch {result['torch']}, "
-        f"threads: {result['threads']}. Date: {result['date']}.\n\n{table}\n\n"
-        f"The shards hold {size / 2**20:.1f} MiB of 64-pixel JPEGs (quality 95) and PixelProse-form json captions; "
-        f"a sample's CPU time covers generation, JPEG encoding and the tar writing.\n")
-    print(out.with_suffix('.md').read_text())
+    write_results(args.out, result, 'Writing toy-world training shards on the CPU',
+        f"{table}\n\nThe shards hold {size / 2**20:.1f} MiB of 64-pixel JPEGs (quality 95) and PixelProse-form json "
+        "captions; a sample's CPU time covers generation, JPEG encoding and the tar writing.")
 
 
 if __name__ == '__main__':

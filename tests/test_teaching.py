@@ -168,3 +168,11 @@ def test_open_in_colab(path):
     install = [c for c in cs if c['cell_type'] == 'code' and "'google.colab' in sys.modules" in src(c)]
     assert len(install) == 1 and render.skipped(src(install[0])), f'{path.name}: no Colab install cell'
     assert 'git clone' in src(install[0]) and 'nbs' in src(install[0])
+
+
+def test_reading_times_are_the_estimates():
+    "The course path quotes what `.ci/reading_times.py` estimates from the notebooks as they are."
+    spec = importlib.util.spec_from_file_location('reading_times', ROOT / '.ci' / 'reading_times.py')
+    reading_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reading_times)
+    assert reading_times.check() == 0, 'reading times are stale: see python .ci/reading_times.py'
