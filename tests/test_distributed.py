@@ -95,7 +95,7 @@ def test_two_processes_equal_one(flair_tiny, tmp_path):
                                                                      generator=torch.Generator().manual_seed(123)))
         loss, grads = single_process(flair_tiny['state_dict'], inputs, case)
         rank_losses = torch.stack([r[c]['loss'] for r in ranks])
-        torch.testing.assert_close(rank_losses.mean(), loss, rtol=1e-5, atol=1e-6)  # mean over ranks = global loss
+        torch.testing.assert_close(rank_losses.mean(), loss, rtol=1e-5, atol=1e-5)  # mean over ranks = global loss
         for r in ranks:
             assert set(r[c]['grads']) == set(grads)
             for name, g in grads.items():                                          # DDP's average = global gradient

@@ -15,6 +15,44 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 def relative_error(a, b): return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+LOGIT_TOLERANCE = 1e-5   # float32 logits of two correct implementations agree to this (the reference's tolerance)
+ROUNDOFF = 2.0 ** -24    # float32's unit round-off
+
+
+def scalar_gradient_bounds(flair_tiny, add_mps) -> dict:
+    """How far a correct float32 implementation's gradients of `logit_scale` (s) and `logit_bias` (b) may lie from
+    the official ones: derived, not tuned. Both are sums over every scored pair k, of t_k = w_k a_k and of w_k, where
+    w_k = ∂L/∂z_k = -y_k σ(-y_k z_k) ω_k (ω_k: the pair's weight in the loss) and a_k = z_k - b = e^s cos_k. The
+    terms cancel (in 'loss.tcs_mps', ∂L/∂s is 0.006 from terms whose absolute values sum to 1.2), so an error
+    relative to the sum means nothing. Logits that agree within δ give |Δa_k| <= δ and |Δw_k| <= ω_k δ / 4
+    (σ' <= 1/4); each n-term float32 sum adds at most n u Σ|term| (u: the round-off), in each implementation:
+        |Δ ∂L/∂s| <= δ Σ_k (|w_k| + ω_k |a_k| / 4) + 2 n u Σ_k |w_k a_k|,  |Δ ∂L/∂b| <= δ Σ_k ω_k / 4 + 2 n u Σ_k |w_k|.
+    The terms are computed from the official logits of every pair (`get_logits.image`, `get_logits_as_clip.image`)."""
+    b = flair_tiny['state_dict']['logit_bias']
+    pooled, caption_indices = flair_tiny['get_logits.image'], flair_tiny['loss.downsampled_caption_indices']
+    B, N = pooled.shape                                                        # (B, B·K) official FLAIR logits
+    labels = (torch.arange(B)[:, None] == torch.arange(N)[None] // (N // B)).float() * 2 - 1   # (B, N)
+    tcs_weight = (0.5 if add_mps else 1.0) / caption_indices.shape[1]
+    pairs = [(pooled.gather(1, caption_indices), labels.gather(1, caption_indices), tcs_weight)]   # (B, K+B-1)
+    if add_mps: pairs.append((flair_tiny['get_logits_as_clip.image'] + b, labels, 0.5 / N))         # (B, N)
+    bounds, n = {'logit_scale': 0.0, 'logit_bias': 0.0}, sum(z.numel() for z, _, _ in pairs)
+    for z, y, weight in pairs:
+        w, a = -y * torch.sigmoid(-y * z) * weight, z - b
+        bounds['logit_scale'] += (LOGIT_TOLERANCE * (w.abs() + weight * a.abs() / 4).sum()
+                                  + 2 * n * ROUNDOFF * (w * a).abs().sum()).item()
+        bounds['logit_bias'] += (LOGIT_TOLERANCE * weight * z.numel() / 4 + 2 * n * ROUNDOFF * w.abs().sum()).item()
+    return bounds
+
+
+def test_scalar_gradient_bounds_are_tight_enough_to_fail(flair_tiny):
+    "The bounds hold for the official terms recomputed, and are far below a wrong normaliser's error."
+    bounds = scalar_gradient_bounds(flair_tiny, add_mps=True)
+    ref = flair_tiny['loss.tcs_mps.grads']
+    assert bounds['logit_scale'] < 1e-4 and bounds['logit_bias'] < 1e-4, bounds
+    _, wrong = reference_loss(flair_tiny, add_mps=False)   # tcs alone: a loss weighted 1 instead of 1/2
+    for name in bounds: assert abs(wrong[name] - ref[name]) > 100 * bounds[name], name
+
+
 def reference_loss(flair_tiny, add_mps, chunk_size=None):
     model = FLAIR.from_state_dict(flair_tiny['state_dict'])
     loss = flair_loss(model, flair_tiny['images'], flair_tiny['texts'], num_captions=2, add_mps=add_mps,
@@ -35,7 +73,10 @@ def test_loss_and_every_gradient_match_official(flair_tiny, key, add_mps, chunk_
     assert abs(loss.item() - flair_tiny[key].item()) < 1e-5
     ref = flair_tiny[f'{key}.grads']
     assert set(grads) == set(ref) and len(ref) == 73
-    for name, g in ref.items(): assert relative_error(grads[name], g) < 1e-4, name
+    scalar_bounds = scalar_gradient_bounds(flair_tiny, add_mps)      # sums that cancel: derived absolute bounds
+    for name, g in ref.items():
+        if name in scalar_bounds: assert abs(grads[name] - g).item() <= scalar_bounds[name], name
+        else: assert relative_error(grads[name], g) < 1e-4, name      # the reference's tolerance on gradients
 
 
 def naive_downsample(offsets, K):

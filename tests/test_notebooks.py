@@ -1,5 +1,8 @@
 """Every notebook is a test: run each one top to bottom, as `nbdev_test` does, skipping the cells
-flagged with a `tst_flags` flag (`#| gpu`, `#| slow`). Scratch notebooks (`_*.ipynb`) are skipped."""
+flagged with a `tst_flags` flag (`#| gpu`, `#| slow`). Scratch notebooks (`_*.ipynb`) are skipped.
+
+Settings for this machine live here, not in a cell a reader runs: the notebooks run in this process with one
+torch thread (their tensors are tiny, and the tests share two cores)."""
 import pytest
 from nbdev import test as nbdev_testing
 from nbdev.config import get_config
@@ -10,7 +13,7 @@ NOTEBOOKS = sorted(p for p in (ROOT / 'nbs').glob('*.ipynb') if not p.name.start
 
 
 @pytest.mark.parametrize('notebook', NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook(notebook, monkeypatch):
+def test_notebook(notebook, monkeypatch, one_thread):
     monkeypatch.chdir(ROOT)
     skip_flags = get_config().tst_flags.split()
     assert {'gpu', 'slow'} <= set(skip_flags)
