@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['TORCH_LEGACY_MAGIC', 'CODE_MODULES', 'HF_REPO', 'unwrap_state_dict', 'config_from_state_dict',
            'StateDictMismatchError', 'state_dict_mismatches', 'load_state_dict_strict', 'read_checkpoint',
-           'refused_global', 'file_format', 'resize_pos_embed', 'fit_state_dict', 'load_checkpoint',
-           'download_weights_from_hf', 'temporary_path', 'save_checkpoint', 'link_checkpoint', 'load_checkpoint_file',
-           'remove_stale_temporaries']
+           'refused_global', 'file_format', 'resize_pos_embed', 'fit_state_dict', 'nonfinite_tensors', 'check_finite',
+           'load_checkpoint', 'download_weights_from_hf', 'temporary_path', 'atomic_write', 'save_checkpoint',
+           'link_checkpoint', 'load_checkpoint_file', 'remove_stale_temporaries']
 
 # %% ../nbs/03_checkpoint.ipynb #b7e37341
 import math, os, pickle, re, warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,8 @@ def _load(path: Path, device, fix: str):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:   # a refusal, or bytes the unpickler could not read
-        if (name := refused_global(e)) and file_format(path) != 'other': raise _refused(path, name, e) from e
+        name = refused_global(e)
+        if name and (_holds_code(name, e) or file_format(path) != 'other'): raise _refused(path, name, e) from e
         raise _unreadable(path, e, fix) from e
     except Exception as e:
         raise _unreadable(path, e, fix) from e
@@ -114,9 +116,13 @@ def file_format(path: Path) -> str:
     if head.startswith(b'PK\x03\x04'): return 'zip'
     return 'legacy' if TORCH_LEGACY_MAGIC in head else 'other'
 
-def _refused(path: Path, name: str, e: Exception) -> ValueError:
+def _holds_code(name: str, e: Exception) -> bool:
+    "Whether the refused global `name` runs code (a function of os, subprocess, builtins, ...)."
     module = name.rpartition('.')[0] or 'builtins'   # torch names builtins bare: GLOBAL eval
-    if 'is blocked' in str(e) or module.split('.')[0] in CODE_MODULES:
+    return 'is blocked' in str(e) or module.split('.')[0] in CODE_MODULES
+
+def _refused(path: Path, name: str, e: Exception) -> ValueError:
+    if _holds_code(name, e):
         return ValueError(f"{path} holds code: unpickling it would call {name}. torch.load(weights_only=True) refused "
                           f"to unpickle it, and nothing in it was run. A checkpoint holds tensors, never a call to "
                           f"{name}: do not load this file.")
@@ -125,10 +131,18 @@ def _refused(path: Path, name: str, e: Exception) -> ValueError:
                       f"If you trust the file, re-save its weights alone: "
                       f"torch.save(torch.load(path, weights_only=False)['state_dict'], new_path).")
 
+_TORCH_ADVICE = re.compile(r'weights_only|trust|documentation')   # the sentences of torch's advice
+
+def _torch_said(e: Exception) -> str:
+    "torch.load's error on one line, without its advice (load with weights_only=False, report it, read the docs)."
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(e))                                 # no terminal colours
+    kept = [s for s in re.split(r'(?<=[.:])\s+|\n+', text) if not _TORCH_ADVICE.search(s)]   # sentences, lines
+    return f"{type(e).__name__}: {' '.join(' '.join(kept).split())}"
+
 def _unreadable(path: Path, e: Exception, fix: str) -> ValueError:
     what = (f"looks truncated or corrupted {fix}" if file_format(path) != 'other'
             else "is not a PyTorch checkpoint (expected a file written by torch.save)")
-    return ValueError(f"{path} {what}; torch.load said {type(e).__name__}: {e}")
+    return ValueError(f"{path} {what}; torch.load said {_torch_said(e)}")
 
 # %% ../nbs/03_checkpoint.ipynb #dd900552
 def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -152,9 +166,26 @@ def fit_state_dict(model: nn.Module, state_dict: dict) -> dict:
         state_dict[key] = resize_pos_embed(old, math.isqrt(new.shape[0] - 1))
     return state_dict
 
-def load_checkpoint(model: FLAIR, checkpoint, assign: bool = False) -> FLAIR:
-    "Load a checkpoint file (or a state dict, bare or wrapped) into `model`, strictly, after `fit_state_dict`."
-    state_dict = unwrap_state_dict(checkpoint) if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
+def nonfinite_tensors(state_dict: dict) -> list[str]:
+    "The keys of the tensors in `state_dict` that hold NaN or infinity (the weights of a run that diverged)."
+    return [k for k, v in state_dict.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+
+def check_finite(state_dict: dict, source, nonfinite: str = 'warn') -> dict:
+    "`state_dict`, after a warning ('warn') or a ValueError ('raise') naming `source` and its NaN/inf tensors, if any."
+    if nonfinite not in ('warn', 'raise'): raise ValueError(f"nonfinite={nonfinite!r}: expected 'warn' or 'raise'")
+    if bad := nonfinite_tensors(state_dict):
+        message = (f"{source} holds NaN or infinite values in {len(bad)} of {len(state_dict)} tensors "
+                   f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the weights of a run that diverged? "
+                   f"Expected finite weights")
+        if nonfinite == 'raise': raise ValueError(message)
+        warnings.warn(message)
+    return state_dict
+
+def load_checkpoint(model: FLAIR, checkpoint, assign: bool = False, nonfinite: str = 'warn') -> FLAIR:
+    "Load a checkpoint file (or a state dict, bare or wrapped) into `model`, strictly; NaN/inf weights warn or raise."
+    if isinstance(checkpoint, dict): state_dict, source = unwrap_state_dict(checkpoint), 'the state dict'
+    else: state_dict, source = read_checkpoint(checkpoint), checkpoint
+    check_finite(state_dict, source, nonfinite)
     return load_state_dict_strict(model, fit_state_dict(model, state_dict), assign=assign)
 
 # %% ../nbs/03_checkpoint.ipynb #a6d0ad1c
@@ -166,9 +197,10 @@ def download_weights_from_hf(model_repo: str = HF_REPO, filename: str = 'flair-c
     try:
         return hf_hub_download(repo_id=model_repo, filename=filename, cache_dir=cache_dir)
     except Exception as e:
-        raise RuntimeError(
+        said = ' '.join(str(e).split())   # on one line
+        raise ConnectionError(
             f"could not fetch {filename!r} from the Hugging Face hub repository {model_repo!r} "
-            f"({type(e).__name__}: {e}). Without network access (or with HF_HUB_OFFLINE=1), download "
+            f"({type(e).__name__}: {said}). Without network access (or with HF_HUB_OFFLINE=1), download "
             f"https://huggingface.co/{model_repo}/resolve/main/{filename} elsewhere and pass its local path instead: "
             f"create_model_and_transforms('ViT-B-16-FLAIR', pretrained='/path/to/{filename}').") from e
 
@@ -177,18 +209,23 @@ def temporary_path(path: Path) -> Path:
     "Where `path` is written before the atomic rename: .NAME.PID.tmp in the same folder."
     return path.with_name(f'.{path.name}.{os.getpid()}.tmp')
 
-def save_checkpoint(state: dict, path) -> Path:
-    "torch.save `state` to `path` atomically: a temporary file in the same folder, fsync'ed, then os.replace."
+def atomic_write(path, write: Callable) -> Path:
+    "Write `path` with `write(file)` atomically: a new temporary file in the same folder, fsync'ed, then os.replace."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
+    tmp.unlink(missing_ok=True)      # a leftover, or a planted link: removed, never followed
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
+        with open(tmp, 'xb') as f:   # 'x': a new file, never an existing one
+            write(f)
             f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)        # replaces `path` itself, a symlink too, never the file it points to
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+def save_checkpoint(state: dict, path) -> Path:
+    "torch.save `state` to `path` atomically (`atomic_write`)."
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 def link_checkpoint(source: Path, target: Path) -> Path:
     "Make `target` the same file as `source` (a hard link, or a copy where links fail), atomically."

@@ -11,7 +11,7 @@ __all__ = ['DEMO_CAPTION', 'SEGMENTATION_SETS', 'USER_ERRORS', 'demo_text_pipeli
            'add_visualize_arguments', 'run_visualize', 'build_parser', 'main']
 
 # %% ../nbs/15_cli.ipynb #9afef86f
-import argparse, dataclasses, json, os, random, re, sys, time, warnings
+import argparse, dataclasses, json, math, os, random, re, sys, time, warnings
 from pathlib import Path
 
 import torch
@@ -28,12 +28,13 @@ from .losses import DISTRIBUTED_LOSSES, LOSSES
 from .data import DataConfig, make_train_loader
 from .cc3m import CC3M_RECAP, cc3m_recap_loader
 from .toyworld import write_shards
-from .train import RECIPES, TrainConfig, Trainer, _plain, init_distributed, write_run_summary
+from .train import (
+    RECIPES, Interrupted, TrainConfig, Trainer, TrainingDiverged, _plain, init_distributed, write_run_summary)
 from .retrieval import DEFAULT_CHUNK_SIZE, MODES, format_table
 from .eval_sets import BENCHMARKS, evaluate, read_benchmark
 from .localization import MAP_KINDS, evaluate_segmentation, localization_maps, overlay, read_voc
 from .pretrained import create_model_and_transforms, resolve_pretrained
-from .demo import run_ablation, run_demo
+from .demo import demo_config, run_ablation, run_demo
 
 # %% ../nbs/15_cli.ipynb #541b52d8
 DEMO_CAPTION = (
@@ -70,12 +71,31 @@ def nonnegative_int(text: str) -> int:
     "argparse type: an integer >= 0 (worker processes, warm-up steps)."
     return _int_at_least(text, 0)
 
-def positive_float(text: str) -> float:
-    "argparse type: a number > 0 (epochs)."
+def _finite_float(text: str) -> float:
+    "argparse type: a finite number (not nan, not inf)."
     try: value = float(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value): raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+def positive_float(text: str) -> float:
+    "argparse type: a finite number > 0 (epochs, a learning rate)."
+    value = _finite_float(text)
     if not value > 0: raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
     return value
+
+def _device(text: str) -> str:
+    "argparse type: a torch device this machine has (cpu, cuda, cuda:1)."
+    try: device = torch.device(text)
+    except RuntimeError: raise argparse.ArgumentTypeError(f"expected a device like cpu, cuda or cuda:1, got {text!r}"
+                                                          ) from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU, but torch sees none "
+                                         f"(torch.cuda.is_available() is False); expected cpu")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} GPU(s), "
+                                         f"expected cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return text
 
 def check_writable_folder(folder, option: str) -> Path:
     "`folder`, made if missing and test-written; else an error naming `option` and why it cannot be written."
@@ -104,7 +124,7 @@ def _add_data_arguments(parser):
     g = parser.add_argument_group('data')
     g.add_argument('--data', required=True,
                    help="shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, "
-                        "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data on first use)")
+                        "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data/N-scenes on first use)")
     g.add_argument('--batch-size', type=positive_int, default=None,
                    help="images per step per process (default: the recipe's)")
     g.add_argument('--num-captions', type=positive_int, default=None,
@@ -141,13 +161,15 @@ def _add_recipe_arguments(parser):
                    help='optimizer steps (or give --epochs with a known epoch length)')
     g.add_argument('--epochs', type=positive_float, default=None,
                    help='epochs, when --num-samples fixes the epoch length')
-    for name, kind in [('lr', float), ('eps', float), ('weight_decay', float), ('warmup', nonnegative_int)]:
+    for name, kind in [('lr', positive_float), ('eps', positive_float), ('weight_decay', _finite_float),
+                       ('warmup', nonnegative_int)]:
         g.add_argument('--' + name.replace('_', '-'), type=kind, default=None, help="(default: the recipe's)")
-    for name, kind in [('accum_steps', positive_int), ('grad_clip_norm', float), ('loss_chunk_size', positive_int),
-                       ('seed', int), ('save_every', nonnegative_int), ('log_every', positive_int)]:
+    for name, kind in [('accum_steps', positive_int), ('grad_clip_norm', positive_float),
+                       ('loss_chunk_size', positive_int), ('seed', int), ('save_every', positive_int),
+                       ('log_every', positive_int)]:
         g.add_argument('--' + name.replace('_', '-'), type=kind, default=getattr(d, name),
                        help=f'(default {getattr(d, name)})')
-    g.add_argument('--betas', type=float, nargs=2, default=d.betas, help=f'AdamW betas (default {d.betas})')
+    g.add_argument('--betas', type=_finite_float, nargs=2, default=d.betas, help=f'AdamW betas (default {d.betas})')
     g.add_argument('--loss', choices=LOSSES, default=d.loss,
                    help="'flair' (tcs+mps)/2, 'tcs' alone, 'mps' alone (global baseline)")
     g.add_argument('--precision', choices=[p for p in PRECISIONS if p not in ('fp16', 'bf16')], default=d.precision,
@@ -155,13 +177,15 @@ def _add_recipe_arguments(parser):
     g.add_argument('--distributed-loss', choices=DISTRIBUTED_LOSSES, default=d.distributed_loss,
                    help="several processes: 'ring', the official objective, or 'gather' (04_losses §7)")
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute tower activations in the backward pass')
-    g.add_argument('--device', default=None, help='default: cuda:LOCAL_RANK if available, else cpu')
+    g.add_argument('--device', type=_device, default=None, help='default: cuda:LOCAL_RANK if available, else cpu')
 
 def _add_output_arguments(parser):
     g = parser.add_argument_group('output')
     g.add_argument('--out', default='runs/flair',
                    help='run folder: checkpoints/, history.json, loss_curve.png, tensorboard/')
     g.add_argument('--resume', default=None, help="a checkpoint to continue from, or 'latest' (OUT's, if any)")
+    g.add_argument('--overwrite', action='store_true',
+                   help="start afresh in an --out that holds another run, replacing its latest.pt and history")
     g.add_argument('--keep-checkpoints', action='store_true', help='keep every checkpoint, not only latest.pt')
     g.add_argument('--tensorboard', action='store_true',
                    help='log scalars to OUT/tensorboard (needs the tensorboard package)')
@@ -174,18 +198,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 # %% ../nbs/15_cli.ipynb #f8a65727
 def toy_shards(out_dir, n: int, rank: int = 0) -> str:
-    "The toy world's first `n` scenes as shards in `out_dir` (written once, by rank 0); their glob pattern."
-    out_dir = Path(out_dir)
-    if rank == 0 and not (out_dir / f'done-{n}').exists():
+    "The toy world's first `n` scenes as shards in `out_dir`/`n`-scenes (written once, by rank 0); their glob pattern."
+    folder = Path(out_dir) / f'{n}-scenes'   # one folder per size: a run never reads the shards of another size
+    if rank == 0 and not (folder / 'done').exists():
         # >= 16 shards
-        write_shards(out_dir, n, samples_per_shard=max(1, min(1000, -(-n // 16))), workers=min(4, os.cpu_count() or 1))
-        (out_dir / f'done-{n}').touch()
+        write_shards(folder, n, samples_per_shard=max(1, min(1000, -(-n // 16))), workers=min(4, os.cpu_count() or 1))
+        (folder / 'done').touch()
     if dist.is_initialized(): dist.barrier()
-    return str(out_dir / 'toy-train-*.tar')
+    return str(folder / 'toy-train-*.tar')
 
 def model_config(args) -> FlairConfig:
     "The FlairConfig of `--model` (a preset, a JSON file or inline JSON), at `--force-image-size` if given."
-    config = FlairConfig.resolve(args.model)
+    config = FlairConfig.resolve(args.model, source='--model')
     return dataclasses.replace(config, image_size=args.force_image_size) if args.force_image_size else config
 
 def check_vocabulary(config: FlairConfig, tokenizer) -> FlairConfig:
@@ -201,23 +225,29 @@ def build_model(args, config: FlairConfig | None = None) -> FLAIR:
     "The model of `config` (default: `--model`'s), seeded by `--seed`, initialised from `--pretrained` if given."
     torch.manual_seed(args.seed)
     model = FLAIR(config or model_config(args))
-    if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained))
+    if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained), nonfinite='raise')
     return model
+
+def _data_config(args, model_config: FlairConfig) -> DataConfig:
+    "The DataConfig of the data options, for a model of `model_config` (its image size and context length)."
+    return DataConfig(batch_size=args.batch_size, num_captions=args.num_captions, max_merged=args.max_merged,
+                      image_size=model_config.image_size, context_length=model_config.context_length,
+                      num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, resampled=args.resampled,
+                      num_samples=args.num_samples, seed=args.seed, caption_column=args.caption_column,
+                      image_column=args.image_column)
 
 def build_loader(args, model: FLAIR, rank: int, world: int):
     "The training loader of `--data`, matched to the model's image size and context length."
     source = toy_shards(Path(args.out) / 'toy-data', args.toy_samples, rank) if args.data == 'toy' else args.data
-    config = DataConfig(batch_size=args.batch_size, num_captions=args.num_captions, max_merged=args.max_merged,
-                        image_size=model.config.image_size, context_length=model.config.context_length,
-                        num_workers=args.workers, shuffle_buffer=args.shuffle_buffer, resampled=args.resampled,
-                        num_samples=args.num_samples, seed=args.seed, caption_column=args.caption_column,
-                        image_column=args.image_column)
+    config = _data_config(args, model.config)
     if source == CC3M_RECAP: return cc3m_recap_loader(config, rank=rank, world_size=world)
     return make_train_loader(source, config, rank=rank, world_size=world)
 
 # %% ../nbs/15_cli.ipynb #ce1714aa
 def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     "The options with every one left unset taken from `--recipe` (08_train's RECIPES)."
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("--steps and --epochs both set the length of the run; expected one of them")
     recipe, args = RECIPES[args.recipe], argparse.Namespace(**vars(args))
     for name in ('batch_size', 'num_captions', 'lr', 'eps', 'weight_decay', 'warmup'):
         if getattr(args, name) is None: setattr(args, name, getattr(recipe, name))
@@ -247,11 +277,21 @@ def train_config_from_args(args, steps: int) -> TrainConfig:
                        distributed_loss=args.distributed_loss)
 
 # %% ../nbs/15_cli.ipynb #6f0ca382
+def _check_new_run(args) -> Path:
+    "--out, writable and holding no other run (unless --resume or --overwrite); else an error saying what to do."
+    out = check_writable_folder(args.out, '--out')
+    found = [name for name in ('checkpoints/latest.pt', 'history.json') if (out / name).exists()]
+    if found and args.resume is None and not args.overwrite:
+        raise ValueError(f"--out {out} holds another run ({', '.join(found)}): continue it with --resume latest, "
+                         f"replace it with --overwrite, or choose another --out")
+    return out
+
 def run_train(args) -> dict:
     "`flair-min train`: train a FLAIR model as the parsed options say; returns the history."
     args = apply_recipe(args)
     model_cfg = check_vocabulary(model_config(args), get_tokenizer())
-    check_writable_folder(args.out, '--out')
+    _data_config(args, model_cfg); train_config_from_args(args, args.steps or 1)   # their checks, before any work
+    _check_new_run(args)
     joined = not dist.is_initialized()
     rank, world = init_distributed()
     try:
@@ -277,8 +317,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "(default: the checkpoint's stored config, else read off its tensor shapes)")
     parser.add_argument('--pretrained', required=True,
                         help='checkpoint: a released file name (flair-cc3m-recap.pt, ...) or a local path')
-    parser.add_argument('--task', default='retrieval', choices=('retrieval', 'segmentation'),
-                        help='retrieval (COCO, Flickr30k, ...) or zero-shot segmentation (voc20, voc21)')
+    parser.add_argument('--task', default=None, choices=('retrieval', 'segmentation'),
+                        help="retrieval (COCO, Flickr30k, ...) or zero-shot segmentation (voc20, voc21); "
+                             "default: the dataset's")
     parser.add_argument('--dataset', required=True, choices=[*BENCHMARKS, *SEGMENTATION_SETS],
                         help='benchmark to evaluate on')
     parser.add_argument('--split', default=None,
@@ -297,11 +338,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument('--workers', type=nonnegative_int, default=4, help='image loading processes')
     parser.add_argument('--chunk-size', type=positive_int, default=DEFAULT_CHUNK_SIZE,
                         help='(image, text) pairs pooled at once: bounds the memory')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+    parser.add_argument('--device', type=_device, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cuda or cpu (cuda runs with float16 autocast)')
     parser.add_argument('--map', default='patch_cosine', choices=MAP_KINDS,
                         help='segmentation: the map that scores each patch for each class (11_localization)')
-    parser.add_argument('--background-threshold', type=float, default=None,
+    parser.add_argument('--background-threshold', type=_finite_float, default=None,
                         help='voc21: pixels whose best class score is below this are background')
     parser.add_argument('--output', default=None,
                         help='JSON file for the results (default: eval_<dataset>_<mode>.json)')
@@ -317,8 +358,8 @@ def read_checkpoint_dict(path) -> dict:
 def eval_config(checkpoint: dict, model_config=None, source: str = 'the checkpoint') -> FlairConfig:
     "--model's config, else the checkpoint's stored 'config', else one read off its tensor shapes (with a warning)."
     stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
-    if model_config is not None: return FlairConfig.resolve(model_config)
-    if isinstance(stored, dict): return FlairConfig.resolve(stored)
+    if model_config is not None: return FlairConfig.resolve(model_config, source='--model')
+    if isinstance(stored, dict): return FlairConfig.resolve(stored, source=f'the model config stored in {source}')
     config = config_from_state_dict(unwrap_state_dict(checkpoint))
     warnings.warn(f"{source} stores no model config: its architecture is read off the tensor shapes, assuming "
                   f"width / 64 attention heads ({config.vision_heads} vision, {config.text_heads} text) and "
@@ -337,6 +378,9 @@ def load_for_eval(model_config, pretrained, device, force_image_size: int | None
 # %% ../nbs/15_cli.ipynb #78104e72
 def run_eval(args: argparse.Namespace) -> dict:
     "Run `flair-min eval`: check the output, read the benchmark, load the model, score, print a table, write JSON."
+    if args.task == 'retrieval' and args.dataset in SEGMENTATION_SETS:
+        raise ValueError(f"--dataset {args.dataset} is a segmentation set: use --task segmentation "
+                         f"(or leave --task out)")
     if args.task == 'segmentation' or args.dataset in SEGMENTATION_SETS: return run_segmentation_eval(args)
     output = check_output_file(args.output or f'eval_{args.dataset}_{args.mode}.json', '--output')
     benchmark = read_benchmark(args.dataset, args.root, split=args.split)
@@ -406,8 +450,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_demo_command(args: argparse.Namespace) -> dict:
     "`flair-min demo`: the toy experiment of `13_demo` with the parsed options (`--ablate`: the ablation's variants)."
-    if args.ablate: return run_ablation(vars(args), results_dir=args.results or 'results/ablation')
-    return run_demo(vars(args))
+    config = demo_config(vars(args))
+    results = check_writable_folder(args.results or 'results/ablation', '--results') if args.ablate else None
+    check_writable_folder(config.out, '--out')                          # both before the toy world and the training
+    return run_ablation(config, results_dir=results) if args.ablate else run_demo(config)
 
 # %% ../nbs/15_cli.ipynb #7d57402f
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -422,7 +468,8 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> argparse.Argumen
     parser.add_argument('--head', type=nonnegative_int, default=None,
                         help='attention: one head (default: the mean of all)')
     parser.add_argument('--out', default='maps', help='folder for the PNGs')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
+    parser.add_argument('--device', type=_device, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cuda or cpu')
     return parser
 
 def _slug(text: str) -> str: return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:40] or 'text'
@@ -451,6 +498,25 @@ def run_visualize(args: argparse.Namespace) -> list[Path]:
 # %% ../nbs/15_cli.ipynb #8686b4ce
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, StateDictMismatchError,
                argparse.ArgumentError, argparse.ArgumentTypeError)
+_RUN_ERRORS = (TrainingDiverged, OSError)   # the run started and failed: diverged, the network, the disk
+
+def _exit_status(e: BaseException) -> int | None:
+    "The exit status `main` reports `e` with in one line; None for a bug, whose traceback is shown."
+    if isinstance(e, Interrupted): return 128 + e.signum               # it printed where it saved
+    if isinstance(e, KeyboardInterrupt): return 130
+    if isinstance(e, USER_ERRORS): return 2
+    if isinstance(e, _RUN_ERRORS): return 1
+    return None
+
+def _message(job: str, e: BaseException) -> str:
+    "What `main` prints for `e`: nothing after a saved interruption, else one line naming the job."
+    if isinstance(e, Interrupted): return ''
+    if isinstance(e, KeyboardInterrupt): return f"flair-min {job}: interrupted\n"
+    named = isinstance(e, OSError) and e.strerror and e.filename   # '[Errno 28] ...' said as 'No space ...: <file>'
+    text = f'{e.strerror}: {e.filename}' if named else str(e)
+    if 'Original Traceback' in text:   # raised in a DataLoader worker: torch adds the worker's traceback; keep its end
+        text = text.strip().splitlines()[-1].removeprefix(f'{type(e).__name__}: ')
+    return f"flair-min {job}: error: {text}\n"
 
 def _debug_option(parser, default=False):
     parser.add_argument('--debug', action='store_true', default=default,
@@ -474,15 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 def main(argv=None) -> int:
-    "Entry point of `flair-min`: a user error prints `flair-min <job>: error: <message>` and exits with status 2."
+    "Entry point of `flair-min`: one line per error; exit status 2 (fix the command), 1 (the run failed), 128 + signal."
     parser = build_parser()
     args = parser.parse_args(argv)
     job = {'demo': run_demo_command, 'train': run_train, 'eval': run_eval, 'visualize': run_visualize,
            'captions': lambda a: demo_text_pipeline(a.caption, k=a.k, seed=a.seed)}[args.job]
     try: job(args)
-    except USER_ERRORS as e:
-        if args.debug: raise
-        parser.exit(2, f"flair-min {args.job}: error: {e}\n")
+    except BaseException as e:
+        status = _exit_status(e)
+        if args.debug or status is None: raise
+        parser.exit(status, _message(args.job, e))
     return 0
 
 # %% ../nbs/15_cli.ipynb #2bd49c1a

@@ -12,7 +12,7 @@ __all__ = ['IMAGE_EXTENSIONS', 'SKIP_KINDS', 'DROPPED', 'COUNT_KINDS', 'SkipSamp
            'load_table', 'DataConfig', 'source_kind', 'make_stream', 'TrainLoader', 'make_train_loader']
 
 # %% ../nbs/05_data.ipynb #f4069e06
-import dataclasses, io, json, logging, math, numbers, os, random, re, tarfile, urllib.request, zlib
+import bz2, dataclasses, gzip, io, json, logging, lzma, math, numbers, os, random, re, tarfile, urllib.request, zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .captions import (DREAMLIP_FIELDS, PIXELPROSE_FIELD, caption_pool, is_blank_sentence, sample_subcaptions,
                                 split_caption)
-from .model import image_transform
+from .model import convert_to_rgb, image_transform
 from .tokenizer import get_tokenizer
 
 _logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ def raw_record(raw: dict) -> dict:
     if raw.get('record') is not None: return raw['record']
     if raw.get('json') is not None:
         try: record = json.loads(raw['json'])
-        except ValueError as e: raise SkipSample('bad_json', f'json does not parse ({e})') from None
+        except (ValueError, RecursionError) as e:   # RecursionError: nested deeper than the parser goes
+            raise SkipSample('bad_json', f'json does not parse ({type(e).__name__}: {e})') from None
         if not isinstance(record, dict):
             raise SkipSample('bad_json', f'json holds a {type(record).__name__}; expected an object')
         return record
@@ -94,9 +95,9 @@ def raw_image(raw: dict, draft_size: int | None = None) -> Image.Image:
 
 # %% ../nbs/05_data.ipynb #04926778
 def as_rgb(image: Image.Image) -> Image.Image:
-    "The image in RGB (palette, grey, RGBA, LA, CMYK converted); a conversion failure is a corrupt image."
+    "The image in RGB (palette, grey, 16-bit grey, RGBA, LA, CMYK converted); a conversion failure is a corrupt image."
     if image.mode == 'RGB': return image
-    try: return image.convert('RGB')
+    try: return convert_to_rgb(image)   # the model's own conversion (02_model): 16-bit grey scaled, not clipped
     except Exception as e: raise SkipSample('corrupt_image', f'cannot convert {image.mode} to RGB: {e}') from None
 
 def seeded(fn: Callable, seed: int, *args):
@@ -159,7 +160,8 @@ class SampleCounter:
         info = get_worker_info()
         if info is None: return 0
         if info.id + 1 >= len(self.table):
-            raise ValueError(f"worker {info.id} has no counter row: max_workers={len(self.table) - 1}")
+            raise ValueError(f"DataLoader worker {info.id} has no counter row: the stream counts for "
+                             f"max_workers={len(self.table) - 1}; make it with max_workers >= num_workers")
         return info.id + 1
 
     def add(self, kind: str, n: int = 1): self.table[self.row(), COUNT_KINDS.index(kind)] += n
@@ -225,35 +227,79 @@ def split_member_name(name: str) -> tuple[str, str]:
     stem, _, ext = base.partition('.')
     return (f'{folder}/{stem}' if folder else stem), ext.lower()
 
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)   # a shard that cannot be read
+
 class TailReader:
-    "A binary stream that remembers its last 1 kB read: a complete tar ends in two zero blocks, a cut one does not."
-    def __init__(self, stream): self.stream, self.tail = stream, b''
+    "A binary stream that counts the bytes read and keeps the last 64 kB; a read error ends it, kept in `error`."
+    def __init__(self, stream, keep: int = 1 << 16):
+        self.stream, self.keep, self.pos, self.tail, self.ahead, self.error = stream, keep, 0, bytearray(), b'', None
+
+    def peek(self, size: int) -> bytes:
+        "The next `size` bytes (fewer at the end of the stream), left in place for `read`."
+        while len(self.ahead) < size and (more := self._more(size - len(self.ahead))): self.ahead += more
+        return self.ahead[:size]
+
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        if data: self.tail = (self.tail + data)[-1024:]
+        ahead, self.ahead = self.ahead, b''
+        if 0 <= size <= len(ahead): data, self.ahead = ahead[:size], ahead[size:]
+        else: data = ahead + self._more(size - len(ahead) if size >= 0 else -1)
+        self.pos += len(data); self.tail += data
+        if len(self.tail) > 2 * self.keep: del self.tail[:len(self.tail) - self.keep]
         return data
 
+    def _more(self, size: int) -> bytes:
+        # read1: what a decompressor decoded before an error comes out before the error does
+        if self.error: return b''
+        try: return getattr(self.stream, 'read1', self.stream.read)(size)
+        except _READ_ERRORS as e: self.error = e; return b''
+
+_DECOMPRESSORS = {b'\x1f\x8b': lambda f: gzip.GzipFile(fileobj=f, mode='rb'),  # first bytes → decompressing reader
+                  b'BZh': bz2.BZ2File, b'\xfd7zXZ\x00': lzma.LZMAFile}
+
+def _tar_reader(stream) -> tuple[TailReader, bool]:
+    "(the tar bytes of a shard stream, whether they were compressed): gzip, bzip2 and xz are decompressed."
+    raw = TailReader(stream)
+    head = raw.peek(6)
+    for magic, decompressor in _DECOMPRESSORS.items():
+        if head.startswith(magic): return TailReader(decompressor(raw)), True
+    return raw, False
+
 def check_complete(tar: tarfile.TarFile, reader: TailReader):
-    "Raise if an uncompressed tar lacks its end-of-archive marker (tarfile ends quietly at a cut between members)."
-    if tar.fileobj.comptype != 'tar': return                  # compressed: the decompressor notices a cut
-    while reader.read(1 << 16): pass                          # what is left is zero padding
-    if reader.tail != bytes(1024): raise tarfile.ReadError('no end-of-archive marker: the shard was cut short')
+    "Raise unless the tar ends where tarfile stopped: zero blocks, then nothing (tarfile stops quietly at bad headers)."
+    rest = bytes(reader.tail[tar.offset - (reader.pos - len(reader.tail)):])   # tarfile reads < 11 kB ahead
+    zeros = 0
+    while rest:
+        if rest.strip(b'\0'):
+            raise tarfile.ReadError('a member header that does not parse' if zeros < 512 and rest[:512].strip(b'\0')
+                                    else 'data after zero blocks, where the archive should end')
+        zeros += len(rest); rest = reader.read(1 << 16)
+    if reader.error: raise reader.error
+    if zeros < 1024: raise tarfile.ReadError('no end-of-archive marker: the shard was cut short')
 
 def tar_samples(url: str) -> Iterator[dict]:
-    "Tar shard samples by key: {'__key__', '__url__', ext: bytes, …}; an unreadable shard ends in a '__skip__' record."
-    sample = {}
+    "Tar shard samples by key: {'__key__', '__url__', ext: bytes, …}; a damaged shard ends in one '__skip__' record."
+    sample, end, reader, compressed = {}, 0, None, False
     try:
-        with open_stream(url) as stream, tarfile.open(fileobj=(reader := TailReader(stream)), mode='r|*') as tar:
-            for member in tar:
-                if not member.isfile(): continue
-                key, ext = split_member_name(member.name)
-                if sample and key != sample['__key__']: yield sample; sample = {}
-                sample.update({'__key__': key, '__url__': url, ext: tar.extractfile(member).read()})
-            check_complete(tar, reader)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        yield {'__key__': sample.get('__key__'), '__url__': url, '__skip__': ('bad_shard', f'{type(e).__name__}: {e}')}
+        with open_stream(url) as stream:
+            reader, compressed = _tar_reader(stream)
+            with tarfile.open(fileobj=reader, mode='r|') as tar:
+                for member in tar:
+                    if member.isfile():
+                        key, ext = split_member_name(member.name)
+                        if sample and key != sample['__key__']: yield sample; sample = {}
+                        sample.update({'__key__': key, '__url__': url, ext: tar.extractfile(member).read()})
+                    end = tar.offset                                        # the last good member ends here
+                check_complete(tar, reader)
+    except _READ_ERRORS as e:
+        e = getattr(reader, 'error', None) or e                             # the cause, if a read failed
+        if sample: yield sample                                             # its members were read whole
+        where = f"byte {end}{' of the decompressed tar' if compressed else ''}"   # how many samples the rest
+        reason = (f"{url.rsplit('/', 1)[-1]}: unreadable from {where} on ({type(e).__name__}: {e}); "  # held is
+                  "the rest of the shard is lost")                                                 # unknowable
+        yield {'__key__': None, '__url__': url, '__skip__': ('bad_shard', reason)}
         return
     if sample: yield sample
+
 
 # %% ../nbs/05_data.ipynb #0f099981
 def encode_member(value) -> bytes:
@@ -491,6 +537,24 @@ def check_image_folder(folder: Path):
                      "expected an image folder (images plus a metadata.jsonl or metadata.csv with file_name and "
                      "caption columns), parquet files with image and caption columns, or webdataset *.tar shards")
 
+def _image_folder(folder: Path, split: str, cache_dir: str | None):
+    "An image folder as a table, plus a row without captions for each image its metadata leaves out (to be counted)."
+    import datasets
+    builder = datasets.load_dataset_builder('imagefolder', data_dir=str(folder), cache_dir=cache_dir)
+    builder.download_and_prepare()
+    table = builder.as_dataset(split=split)                  # only the images that a metadata row names
+    listed = {cell['path'] for cell in undecoded(table, 'image')['image']}
+    files = (builder.config.data_files or {}).get(split, [])       # what the loader saw, metadata files included
+    images = [f for f in files if Path(f).suffix.lower() in builder.EXTENSIONS]
+    unlisted = [f for f in images if f not in listed]
+    if not unlisted: return table
+    names = [os.path.relpath(f, folder) for f in unlisted]
+    _logger.warning('%s: %d of its %d images have no row in its metadata file, so no caption; each epoch counts them '
+                    'as no_caption skips: %s', folder, len(unlisted), len(images),
+                    ', '.join(names[:5]) + (', ...' if len(names) > 5 else ''))
+    rows = {column: [None] * len(unlisted) for column in table.column_names} | {'image': unlisted}
+    return datasets.concatenate_datasets([table, datasets.Dataset.from_dict(rows, features=table.features)])
+
 def load_table(source, split: str = 'train', cache_dir: str | None = None):
     "A `datasets.Dataset` from an image folder (with metadata.jsonl/csv), parquet file(s), or a Dataset as it is."
     import datasets
@@ -500,7 +564,7 @@ def load_table(source, split: str = 'train', cache_dir: str | None = None):
         folder = Path(paths[0])
         if not any(folder.glob('*.parquet')):
             check_image_folder(folder)
-            return datasets.load_dataset('imagefolder', data_dir=str(folder), split=split, cache_dir=cache_dir)
+            return _image_folder(folder, split, cache_dir)
         paths = [str(p) for p in sorted(folder.glob('*.parquet'))]
     if all(p.endswith('.parquet') for p in paths):
         return datasets.load_dataset('parquet', data_files=paths, split=split, cache_dir=cache_dir)
@@ -551,7 +615,7 @@ def source_kind(source) -> str:
 def make_stream(source, pipeline: Callable, config: 'DataConfig', **kwargs) -> TrainStream:
     "The TrainStream that reads `source` (see `source_kind`)."
     kwargs = dict(resampled=config.resampled, num_samples=config.num_samples, batch_size=config.batch_size,
-                  seed=config.seed, **kwargs)
+                  seed=config.seed, max_workers=config.num_workers, **kwargs)   # a counter row for every worker
     kind = source_kind(source)
     if kind == 'shards' and isinstance(source, (str, Path)) and Path(source).is_dir():
         source = str(Path(source) / '*.tar')
@@ -565,6 +629,10 @@ def make_stream(source, pipeline: Callable, config: 'DataConfig', **kwargs) -> T
 class TrainLoader(DataLoader):
     "A DataLoader of FLAIR training batches that advances its stream's epoch on each pass and reports skipped samples."
     def __init__(self, dataset: TrainStream, **kwargs):
+        rows = len(dataset.counter.table) - 1                  # one counter row per worker, checked before any starts
+        if kwargs.get('num_workers', 0) > rows:
+            raise ValueError(f"num_workers={kwargs['num_workers']}: the stream counts samples for at most {rows} "
+                             f"workers; make it with max_workers >= {kwargs['num_workers']}")
         super().__init__(dataset, **kwargs)
         self.epoch = 0
         dataset.drop_last_batch_size = self.batch_size if self.drop_last and self.batch_size else 0  # count_dropped

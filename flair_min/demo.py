@@ -575,6 +575,7 @@ def ablation_table(runs: dict) -> str:
 def run_ablation(args=None, seeds=(0, 1), results_dir='results/ablation', **overrides) -> dict:
     "Every ABLATION variant for each seed: {variant: {seed: metrics}}; the table and a note go to `results_dir`."
     config, out = demo_config(args, **overrides), Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)        # first: a results path that cannot be a folder fails before training
     log = print if config.progress else (lambda *a, **k: None)
     runs, tic = {name: {} for name in ABLATION}, time.perf_counter()
     with torch_threads(config.threads):
@@ -586,7 +587,6 @@ def run_ablation(args=None, seeds=(0, 1), results_dir='results/ablation', **over
                 log(f'seed {seed}: {name}', flush=True)
                 runs[name][seed] = ablation_variant(loss, changes, c, shards, images, split)
     minutes = (time.perf_counter() - tic) / 60
-    out.mkdir(parents=True, exist_ok=True)
     (out / 'ablation.json').write_text(json.dumps({'config': asdict(config), 'seeds': list(seeds),
                                                    'minutes': minutes, 'runs': runs}, indent=1))
     (out / 'README.md').write_text(f"""### The paper's ablation at toy scale

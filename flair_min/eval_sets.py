@@ -6,7 +6,7 @@
 __all__ = ['ID', 'COCO_LAYOUT', 'FLICKR_LAYOUT', 'DOCCI_LAYOUT', 'IIW_LAYOUT', 'URBAN1K_LAYOUT', 'DCI_LAYOUT',
            'SHAREGPT4V_LAYOUT', 'BENCHMARKS', 'RetrievalSet', 'from_records', 'describe_json', 'AnnotationFile',
            'read_json', 'read_coco', 'read_flickr30k', 'read_docci', 'read_iiw', 'read_urban1k', 'rejoin', 'read_dci',
-           'read_sharegpt4v', 'read_benchmark', 'ImageFiles', 'evaluate']
+           'read_sharegpt4v', 'read_benchmark', 'load_image', 'ImageFiles', 'evaluate']
 
 # %% ../nbs/10_eval_sets.ipynb #d5fca025
 import json, os
@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .captions import split_caption
@@ -261,22 +261,35 @@ def read_benchmark(name: str, root, check_images: bool = True, split: str | None
     return benchmark
 
 # %% ../nbs/10_eval_sets.ipynb #19d17fb0
+def load_image(path, mode: str | None = 'RGB') -> Image.Image:
+    "An image file read in full, converted to `mode` (None: as stored); a broken file raises a ValueError naming it."
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode else image.copy()
+    except Image.DecompressionBombError as e:    # PIL: "Image size (N pixels) exceeds limit of M pixels, ..."
+        problem = (f"larger than PIL's decompression-bomb limit ({str(e).split(', could')[0]}; "
+                   "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)")
+    except (FileNotFoundError, IsADirectoryError, PermissionError): raise
+    except UnidentifiedImageError:
+        problem = ('not an image PIL can read (not an image at all, or cut short within its header)'
+                   if path.stat().st_size else 'empty (0 bytes)')
+    except (OSError, SyntaxError, EOFError, ValueError) as e: problem = f"truncated or corrupt ({e})"
+    raise ValueError(f"{path} is {problem}; re-download it or remove it")
+
 class ImageFiles(Dataset):
     "Images read from files and transformed: the image side of a retrieval set."
     def __init__(self, paths, transform): self.paths, self.transform = list(paths), transform
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
-        with Image.open(self.paths[i]) as image: return self.transform(image.convert('RGB'))  # (3, H, W)
+        return self.transform(load_image(self.paths[i]))                               # (3, H, W)
 
 def evaluate(model, benchmark: RetrievalSet, preprocess, tokenizer, mode: str = 'flair', topk: int = 128,
              batch_size: int = 64, workers: int = 0, device=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
              progress: bool = False) -> dict:
     "Official retrieval metrics of `model` on a benchmark, in scoring mode 'flair', 'topk' or 'global'."
     texts = tokenizer(benchmark.texts)                                                   # (N, ctx)
-    vocab = model.token_embedding.num_embeddings
-    if texts.numel() and texts.max() >= vocab:
-        raise ValueError(f"the tokenizer produced id {texts.max().item()} but the model's vocabulary has {vocab} "
-                         f"entries: use a model with the CLIP vocabulary (49,408)")
     loader = DataLoader(ImageFiles(benchmark.images, preprocess), batch_size=batch_size, num_workers=workers)
     return evaluate_retrieval(model, loader, texts, torch.tensor(benchmark.txt2img), mode, topk, chunk_size=chunk_size,
                               device=device, progress=progress)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .tokenizer import get_tokenizer
+from .eval_sets import load_image
 from .model import FLAIR, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from .retrieval import _check_finite
 from .toyworld import patch_coverage
 
 # %% ../nbs/11_localization.ipynb #a3021dd6
@@ -36,7 +38,8 @@ def check_kind(kind: str) -> str:
 def attention_weights(model: FLAIR, local: torch.Tensor, text_emb: torch.Tensor, head: int | None = None):
     "(B, N, L+1) pooling weights of every text over every image's patches, zero slot last; heads averaged or one."
     B, heads = local.shape[0], model.visual_proj.attn.heads
-    if head is not None and not 0 <= head < heads: raise ValueError(f"head={head}: expected 0 .. {heads - 1} or None")
+    if head is not None and (isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads):
+        raise ValueError(f"head={head!r}: expected None (the heads' mean) or an integer in [0, {heads})")
     queries = text_emb.expand(B, -1, -1)                                              # (B, N, D)
     _, weights = model.visual_proj(queries, local, local, output_attn_weights=True,
                                    average_attn_weights=head is None)               # (B, N, L+1) or (B, h, N, L+1)
@@ -68,8 +71,9 @@ def embedding_maps(model: FLAIR, local: torch.Tensor, text_emb: torch.Tensor, ki
         elif kind == 'patchwise': maps.append(patchwise_similarity(model, part, text_emb))
         else: maps.append(patch_cosine(part, text_emb))
     maps = torch.cat(maps)                                                             # (B, N, L)
-    if not zero_slot: return maps
-    return maps, (torch.cat(zeros) if zeros else torch.zeros(maps.shape[:2], device=maps.device))
+    zeros = torch.cat(zeros) if zeros else torch.zeros(maps.shape[:2], device=maps.device)   # (B, N)
+    _check_finite(torch.cat([maps, zeros[..., None]], -1), 'maps')     # NaN would draw nothing and segment as class 0
+    return (maps, zeros) if zero_slot else maps
 
 @torch.no_grad()
 def localization_maps(model: FLAIR, images: torch.Tensor, texts: torch.Tensor, kind: str = 'attention',
@@ -185,7 +189,7 @@ class SegmentationSet:
 
     def label(self, i: int) -> torch.Tensor:
         "(H, W) long labels of image i: 0 .. C-1, IGNORE_INDEX where not evaluated."
-        raw = torch.from_numpy(np.array(Image.open(self.labels[i]))).long()     # palette indices
+        raw = torch.from_numpy(np.array(load_image(self.labels[i], mode=None))).long()   # palette indices
         if self.background: return raw
         return torch.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)   # VOC20: 1..20 -> 0..19
 
@@ -227,7 +231,7 @@ def evaluate_segmentation(model: FLAIR, dataset: SegmentationSet, kind: str = 'p
     for i in range(len(dataset)):
         if progress and i % 100 == 0: print(f'{dataset.name}: image {i} of {len(dataset)}', flush=True)
         target = dataset.label(i)                                                    # (H, W)
-        with Image.open(dataset.images[i]) as image: x = segmentation_input(image, size)[None].to(device)
+        x = segmentation_input(load_image(dataset.images[i]), size)[None].to(device)   # (1, 3, size, size)
         scores = embedding_maps(model, model.embed_image(x)[1], classes, kind, head)   # (1, C, L)
         pred = segment(scores.cpu(), tuple(target.shape), background_threshold)[0]    # (H, W)
         confusion += confusion_matrix(pred, target, len(dataset.class_names))

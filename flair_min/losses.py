@@ -11,6 +11,7 @@ __all__ = ['DISTRIBUTED_LOSSES', 'LOSSES', 'draw_negative_offsets', 'other_image
            'ring_flair_loss_of_rank', 'MultiPositiveLoss', 'make_loss']
 
 # %% ../nbs/04_losses.ipynb #d72b8079
+import numbers
 from typing import Callable
 
 import torch
@@ -150,6 +151,14 @@ def flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_b
 
 DISTRIBUTED_LOSSES = ('ring', 'gather')
 
+def _check_counts(num_captions, chunk_size=None) -> None:
+    "A ValueError naming `num_captions` (an integer >= 1) or `chunk_size` (an integer >= 1, or None) if it is not."
+    whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+    if not whole(num_captions):
+        raise ValueError(f"num_captions={num_captions!r}: expected an integer >= 1 (sub-captions per image)")
+    if chunk_size is not None and not whole(chunk_size):
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a number of images >= 1, or None (no chunks)")
+
 class FlairLoss(nn.Module):
     "FLAIR's loss, (tcs + mps) / 2 or tcs alone, from the model's forward dict; official ring under torch.distributed."
     def __init__(self, num_captions: int, add_mps: bool = True, chunk_size: int | None = None,
@@ -157,6 +166,7 @@ class FlairLoss(nn.Module):
         super().__init__()
         if distributed not in (None, True, False, *DISTRIBUTED_LOSSES):
             raise ValueError(f"distributed={distributed!r}: expected one of {DISTRIBUTED_LOSSES}, True, False or None")
+        _check_counts(num_captions, chunk_size)
         self.num_captions, self.add_mps = num_captions, add_mps
         self.chunk_size, self.distributed = chunk_size, distributed
 
@@ -308,6 +318,7 @@ class MultiPositiveLoss(nn.Module):
     "The global multi-positive sigmoid loss alone: FLAIR's towers trained without text-conditioned pooling."
     def __init__(self, num_captions: int, distributed: bool | None = None):
         super().__init__()
+        _check_counts(num_captions)
         self.num_captions, self.distributed = num_captions, distributed
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, generator=None, **kwargs):

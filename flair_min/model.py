@@ -9,17 +9,38 @@ __all__ = ['MODEL_CONFIGS', 'OPENAI_DATASET_MEAN', 'OPENAI_DATASET_STD', 'PRECIS
            'convert_to_rgb', 'image_transform', 'check_precision', 'resolve_precision', 'autocast']
 
 # %% ../nbs/02_model.ipynb #f83df63c
-import contextlib, dataclasses, json, math, warnings
+import contextlib, dataclasses, json, math, numbers, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 import torchvision.transforms as T
+from PIL import Image
 
 # %% ../nbs/02_model.ipynb #c6b3202c
+def _whole(value, low: int) -> bool:
+    "Whether `value` is an integer (not a bool) >= `low`."
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+def _finite(value) -> bool:
+    "Whether `value` is a finite real number (not a bool)."
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+def _expected(name: str, value) -> str | None:
+    "What the FlairConfig field `name` expects when `value` is not that; None when `value` is fine."
+    if name == 'mlp_ratio': return None if _finite(value) and value > 0 else 'a finite number > 0'
+    if name.startswith('init_'): return None if _finite(value) else 'a finite number'
+    low = 2 if name == 'context_length' else 1                      # a text needs room for SOT and EOT
+    return None if _whole(value, low) else f'an int >= {low}'
+
+_MULTIPLES = (('image_size', 'patch_size', 'is not a multiple of'),   # (size, what must divide it, what to say if not)
+              ('vision_width', 'vision_heads', 'is not divisible by'),
+              ('text_width', 'text_heads', 'is not divisible by'), ('embed_dim', 'pool_heads', 'is not divisible by'))
+
 @dataclass
 class FlairConfig:
     "Every size of a FLAIR model. The defaults are the released ViT-B-16-FLAIR."
@@ -40,13 +61,15 @@ class FlairConfig:
     init_logit_bias: float = -10.0  # sigmoid-loss bias starts at -10
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
-        for width, heads, name in [(self.vision_width, self.vision_heads, 'vision'),
-                                   (self.text_width, self.text_heads, 'text'),
-                                   (self.embed_dim, self.pool_heads, 'pool')]:
-            if width % heads:
-                raise ValueError(f"{name}: width {width} is not divisible by its {heads} heads")
+        "Check every field; one ValueError names each problem: the field, its value and what was expected."
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if expected := _expected(f.name, value): problems.append(f"{f.name}={value!r}: expected {expected}")
+        if not problems:   # every size is a whole number: do they fit together?
+            problems = [f"{a}={getattr(self, a)} {words} {b}={getattr(self, b)}" for a, b, words in _MULTIPLES
+                        if getattr(self, a) % getattr(self, b)]
+        if problems: raise ValueError('; '.join(problems))
 
     @property
     def grid_size(self) -> int: return self.image_size // self.patch_size   # patches per side
@@ -63,29 +86,42 @@ class FlairConfig:
     @classmethod
     def from_name(cls, name: str) -> 'FlairConfig':
         "A named preset: 'ViT-B-16-FLAIR' or 'tiny' (see `list_models`)."
-        if name not in MODEL_CONFIGS:
+        if not isinstance(name, str) or name not in MODEL_CONFIGS:
             raise ValueError(f"unknown model name {name!r}: expected one of {sorted(MODEL_CONFIGS)} or a FlairConfig")
         return MODEL_CONFIGS[name]()
 
     @classmethod
-    def resolve(cls, config) -> 'FlairConfig':
-        "A FlairConfig from a FlairConfig, preset name, dict, JSON text or JSON file ({'preset': name, **fields})."
+    def resolve(cls, config, source: str = 'model') -> 'FlairConfig':
+        "A FlairConfig from a FlairConfig, preset name, dict, JSON text or JSON file; errors start with `source`."
         if isinstance(config, cls): return config
         if not isinstance(config, (str, Path, dict)):
-            raise TypeError(f"model: expected a preset name like 'ViT-B-16-FLAIR', a FlairConfig, a dict or JSON, "
+            raise TypeError(f"{source}: expected a preset name like 'ViT-B-16-FLAIR', a FlairConfig, a dict or JSON, "
                             f"got {type(config).__name__}")
-        if isinstance(config, str) and config in MODEL_CONFIGS: return cls.from_name(config)
-        if isinstance(config, dict): fields_ = dict(config)
-        elif isinstance(config, (str, Path)) and str(config).lstrip().startswith('{'): fields_ = json.loads(str(config))
-        elif isinstance(config, (str, Path)) and Path(config).is_file(): fields_ = json.loads(Path(config).read_text())
-        else:
-            raise ValueError(f"unknown model name {config!r}: expected a preset {sorted(MODEL_CONFIGS)}, "
-                             f"a FlairConfig, a dict, inline JSON or a JSON file")
-        base = cls.from_name(fields_.pop('preset', 'ViT-B-16-FLAIR'))
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(fields_) - known):
-            raise ValueError(f"model: unknown FlairConfig fields {unknown}; expected some of {sorted(known)}")
-        return dataclasses.replace(base, **fields_)
+        try:
+            if isinstance(config, str) and config in MODEL_CONFIGS: return cls.from_name(config)
+            fields_ = _config_fields(config)
+            base = cls.from_name(fields_.pop('preset', 'ViT-B-16-FLAIR'))
+            known = {f.name for f in dataclasses.fields(cls)}
+            if unknown := sorted(set(fields_) - known):
+                raise ValueError(f"unknown FlairConfig fields {unknown}; expected some of {sorted(known)}")
+            return dataclasses.replace(base, **fields_)
+        except ValueError as e: raise ValueError(f"{source}: {e}") from None
+
+def _config_fields(config) -> dict:
+    "The fields ({'preset': name, **fields}) of a dict, inline JSON or a JSON file; a ValueError saying what is wrong."
+    def parse(text, what):
+        try: return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if isinstance(config, dict): fields_ = dict(config)
+    elif str(config).lstrip().startswith('{'): fields_ = parse(str(config), 'not valid JSON')
+    elif Path(config).is_file(): fields_ = parse(Path(config).read_text(), f'{config} is not valid JSON')
+    else:
+        raise ValueError(f"unknown model name {str(config)!r}: expected a preset {sorted(MODEL_CONFIGS)}, "
+                         f"a FlairConfig, a dict, inline JSON or a JSON file")
+    if not isinstance(fields_, dict):
+        raise ValueError(f"expected a JSON object of FlairConfig fields, got a {type(fields_).__name__}")
+    return fields_
 
 MODEL_CONFIGS = {'ViT-B-16-FLAIR': FlairConfig, 'tiny': FlairConfig.tiny}
 
@@ -365,8 +401,16 @@ def check_pool_inputs(text_emb: torch.Tensor, local: torch.Tensor):
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
+def _eight_bit(image):
+    "A 16-bit or 32-bit grey image ('I;16', 'I', 'F') as 8-bit 'L', scaled down rather than clipped to white."
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))         # (H, W)
+    top = values.max(initial=0)
+    if top > 255: values = values * (255 / top if image.mode == 'F' else 1 / 257)   # 65535 / 257 = 255
+    return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
+
 def convert_to_rgb(image):
-    "PIL image → RGB (greyscale is replicated, an alpha channel dropped). A function, so transforms pickle."
+    "PIL image → RGB: grey replicated, alpha dropped, 16-bit or float grey scaled to 8 bits (a function: it pickles)."
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'): image = _eight_bit(image)   # convert('RGB') would clip
     return image.convert('RGB')
 
 def image_transform(image_size: int = 224, is_train: bool = False, mean=OPENAI_DATASET_MEAN,

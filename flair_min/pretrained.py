@@ -7,7 +7,7 @@ __all__ = ['RELEASED', 'PRETRAINED_FILES', 'ReleasedCheckpoint', 'list_pretraine
            'create_model_and_transforms']
 
 # %% ../nbs/12_pretrained.ipynb #0a4aa775
-import dataclasses
+import dataclasses, os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,9 @@ def create_model(model_name='ViT-B-16-FLAIR', pretrained=None, precision: str = 
     config = FlairConfig.resolve(model_name)
     if force_image_size: config = dataclasses.replace(config, image_size=force_image_size)   # patch grid resampled
     weights_dtype = PRECISIONS[check_precision(precision)][0]
+    if pretrained is not None and not isinstance(pretrained, (dict, str, os.PathLike)):
+        raise TypeError(f"pretrained={pretrained!r}: expected a path, a released file name {PRETRAINED_FILES} "
+                        f"or a state dict, got {type(pretrained).__name__}")
     if pretrained is None:
         model = FLAIR(config)
     else:

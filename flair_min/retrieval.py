@@ -171,6 +171,14 @@ def score_embeddings(global_emb, local, texts, visual_proj, scale, mode: str = '
     return scatter_topk(*topk_scores(global_emb, local, texts, weights, scale, topk, chunk_size), texts.unit.shape[0])
 
 # %% ../nbs/09_retrieval.ipynb #b7da86b4
+def _check_finite(values: torch.Tensor, name: str = 'scores') -> torch.Tensor:
+    "`values`, if all are finite; NaN/inf scores would compare False with everything and rank every match first."
+    if not (finite := torch.isfinite(values)).all():
+        kinds = ', '.join(k for k, bad in (('nan', values.isnan()), ('inf', values.isinf())) if bad.any())
+        raise ValueError(f"{name}: {int((~finite).sum()):,} of {values.numel():,} values are not finite ({kinds}); "
+                         f"expected finite {name}: the model's weights or inputs hold NaN/inf")
+    return values
+
 @torch.no_grad()
 def embed_texts(model, texts: torch.Tensor, batch_size: int = 256, device=None) -> torch.Tensor:
     "Projected text embeddings (N, D) of token ids (N, ctx), `batch_size` texts at a time."
@@ -179,6 +187,11 @@ def embed_texts(model, texts: torch.Tensor, batch_size: int = 256, device=None) 
                          f"got {getattr(texts, 'shape', type(texts).__name__)}")
     if len(texts) == 0:
         raise ValueError("texts: got no text (shape (0, context_length)); expected at least one to score")
+    lo, hi, vocab = int(texts.min()), int(texts.max()), model.config.vocab_size
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"texts: got token id {lo if lo < 0 else hi}, but the model's vocabulary has {vocab} entries "
+                         f"(ids 0 .. {vocab - 1}): tokenize with the model's tokenizer, or use a model with the CLIP "
+                         "vocabulary (49,408) for CLIP-tokenized texts")
     return torch.cat([model.embed_text(texts[i:i + batch_size].to(device)) for i in range(0, len(texts), batch_size)])
 
 @torch.no_grad()
@@ -196,20 +209,23 @@ def retrieval_scores(model, image_batches: Iterable, texts: torch.Tensor, mode: 
         for batch in tqdm(image_batches, desc=f'{mode} scores', unit='batch', disable=not progress):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch               # (B, 3, H, W)
             global_emb, local = model.embed_image(images.to(device))                       # (B, D), (B, L, D)
-            rows.append(score_embeddings(global_emb, local, queries, model.visual_proj, scale, mode, topk, chunk_size)
-                        .float().cpu())
+            scores = score_embeddings(global_emb, local, queries, model.visual_proj, scale, mode, topk, chunk_size)
+            rows.append(_check_finite(scores.float().cpu()))                                # NaN: stop at once
     if not rows: raise ValueError("image_batches yielded no batch of images")
     return torch.cat(rows)                                                                 # (n_images, N)
 
 # %% ../nbs/09_retrieval.ipynb #7d971b76
 def _check_scores(scores: torch.Tensor, txt2img: torch.Tensor):
     if scores.dim() != 2: raise ValueError(f"scores: expected an (n_images, n_texts) matrix, got {tuple(scores.shape)}")
+    if not scores.numel():
+        raise ValueError(f"scores: got an empty {tuple(scores.shape)} matrix; expected at least one image and one text")
     if txt2img.dim() != 1 or len(txt2img) != scores.shape[1] or txt2img.is_floating_point():
         raise ValueError(f"txt2img: expected {scores.shape[1]} integer image indices (one per text), "
                          f"got {tuple(txt2img.shape)}")
     if len(txt2img) and (txt2img.min() < 0 or txt2img.max() >= scores.shape[0]):
         raise ValueError(f"txt2img: image indices must lie in [0, {scores.shape[0]}), "
                          f"got [{txt2img.min()}, {txt2img.max()}]")
+    _check_finite(scores)
 
 def text_to_image_ranks(scores: torch.Tensor, txt2img, chunk: int = 4096) -> torch.Tensor:
     "0-based position of each text's own image among all images (scores (n_images, n_texts)) → (n_texts,)."

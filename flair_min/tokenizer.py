@@ -154,9 +154,11 @@ class SimpleTokenizer:
 
     def __call__(self, texts, context_length: int | None = None) -> torch.LongTensor:
         "Tokenize a string or a list of strings into a (N, context_length) LongTensor."
+        if isinstance(texts, (bytes, bytearray)) or not (isinstance(texts, str) or hasattr(texts, '__iter__')):
+            raise TypeError(f"texts: expected a string or a list of strings, got {type(texts).__name__}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-        if bad: raise TypeError(f"expected a string or a list of strings, got elements of type {bad[0]}")
+        if bad: raise TypeError(f"texts: expected a string or a list of strings, got elements of type {bad[0]}")
         n = check_context_length(self.context_length if context_length is None else context_length)
         rows = []
         for text in texts:

@@ -8,11 +8,11 @@ __all__ = ['KNOB_RANGES', 'RECIPES', 'FEATURE_KEYS', 'LOSS_PARAMETERS', 'MAX_LOG
            'derive_seed', 'step_generator', 'split_batch', 'forward_batch', 'with_micro_batch', 'accumulate_gradients',
            'clamp_logit_scale_', 'optimizer_step', 'seed_all', 'start_epoch', 'data_stream', 'distributed_info',
            'resolve_device', 'count_skipped', 'check_tokens', 'prepare_out_dir', 'new_history', 'Trainer',
-           'global_mean', 'tensorboard_writer', 'ProgressLog', 'UnsavedInterrupt', 'StepGuard', 'train', 'plot_history',
-           'init_distributed', 'write_run_summary']
+           'TrainingDiverged', 'global_mean', 'tensorboard_writer', 'ProgressLog', 'Interrupted', 'UnsavedInterrupt',
+           'StepGuard', 'train', 'plot_history', 'init_distributed', 'write_run_summary']
 
 # %% ../nbs/08_train.ipynb #d47517fb
-import contextlib, json, math, os, random, signal, threading, time, warnings
+import contextlib, json, math, os, random, signal, sys, threading, time, warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -27,20 +27,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from .model import FLAIR, autocast, check_precision, resolve_precision
-from .checkpoint import (link_checkpoint, load_checkpoint_file, load_state_dict_strict,
-                                  remove_stale_temporaries, save_checkpoint, unwrap_state_dict)
+from .checkpoint import (atomic_write, check_finite, link_checkpoint, load_checkpoint_file,
+                                  load_state_dict_strict, nonfinite_tensors, remove_stale_temporaries, save_checkpoint,
+                                  unwrap_state_dict)
 from .losses import DISTRIBUTED_LOSSES, LOSSES, make_loss
 
 # %% ../nbs/08_train.ipynb #9f46e92d
-_positive, _at_least_1, _at_least_0 = (lambda v: v > 0), (lambda v: v >= 1), (lambda v: v >= 0)
+# finite numbers only: NaN fails every comparison, infinity fails `< math.inf`
+_positive, _at_least_1 = (lambda v: 0 < v < math.inf), (lambda v: 1 <= v < math.inf)
+_at_least_0 = lambda v: 0 <= v < math.inf
 _or_none = lambda ok: lambda v: v is None or ok(v)
 KNOB_RANGES = {  # field: (whether a value is valid, what is expected)
     'steps': (_at_least_1, 'an integer >= 1'), 'accum_steps': (_at_least_1, 'an integer >= 1'),
     'log_every': (_at_least_1, 'an integer >= 1'), 'warmup': (_at_least_0, 'an integer >= 0'),
-    'lr': (_positive, 'a learning rate > 0'), 'eps': (_positive, 'a number > 0'),
-    'weight_decay': (_at_least_0, 'a number >= 0'),
+    'lr': (_positive, 'a finite learning rate > 0'), 'eps': (_positive, 'a finite number > 0'),
+    'weight_decay': (_at_least_0, 'a finite number >= 0'),
     'betas': (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), 'two numbers in [0, 1), e.g. (0.9, 0.98)'),
-    'grad_clip_norm': (_or_none(_positive), 'a gradient norm > 0 to clip to, or None (no clipping)'),
+    'grad_clip_norm': (_or_none(_positive), 'a finite gradient norm > 0 to clip to, or None (no clipping)'),
     'save_every': (_or_none(_at_least_1), 'a number of steps >= 1, or None (save at the end only)'),
     'eval_every': (_or_none(_at_least_1), 'a number of steps >= 1, or None (evaluate at the end only)'),
     'loss_chunk_size': (_or_none(_at_least_1), 'a number of images >= 1, or None (no chunks)')}
@@ -312,6 +315,8 @@ class Trainer:
         self.scheduler = create_scheduler(self.optimizer, c)
         self.loss_parameters = [p for n, p in model.named_parameters() if n.startswith(LOSS_PARAMETERS)]
         self.step, self.epoch, self.batch, self.history = 0, 0, 0, new_history()
+        self.batch_shape = None       # (images per loader batch, K) of the run, from its first batch: checked on resume
+        self.last_checkpoint = None   # (path, step) of the newest checkpoint written or resumed from
 
     def _wrap(self, model):
         if self.world == 1: return model
@@ -323,6 +328,9 @@ class Trainer:
         return Path(self.config.out_dir) / 'checkpoints' if self.config.out_dir else None
 
 # %% ../nbs/08_train.ipynb #7d87b330
+class TrainingDiverged(RuntimeError):
+    "The loss (or the weights) of a training run became NaN or infinite: the run stopped before that update."
+
 @torch.no_grad()
 def global_mean(x: torch.Tensor) -> float:
     "The mean of a scalar over all ranks (itself without a process group)."
@@ -338,13 +346,25 @@ def train_step(self: Trainer, micro_batches: list) -> float:
     loss_fn = make_loss(c.loss, batches[0][1].shape[1], c.loss_chunk_size, c.distributed_loss)
     no_sync = getattr(self.net, 'no_sync', None)
     amp = lambda: autocast(self.precision, self.device)
-    loss = accumulate_gradients(self.net, loss_fn, batches, (c.seed, self.step), self.scaler, amp, no_sync)
+    loss = global_mean(accumulate_gradients(self.net, loss_fn, batches, (c.seed, self.step), self.scaler, amp, no_sync))
+    if not math.isfinite(loss):                       # every rank sees the same mean, so all of them stop here
+        self.optimizer.zero_grad(set_to_none=True)    # the update is not applied
+        lr = self.optimizer.param_groups[0]['lr']
+        raise self._diverged(f"loss became {loss} at step {self.step + 1} (lr {lr:.3g})")
     if len(batches) > 1:
         for p in self.loss_parameters:
             if p.grad is not None: p.grad /= len(batches)   # the loss-side parameters saw the whole loss in every pass
     optimizer_step(self.model, self.optimizer, self.scheduler, self.scaler, c.grad_clip_norm)
     self.step += 1
-    return global_mean(loss)
+    return loss
+
+@patch
+def _diverged(self: Trainer, what: str) -> TrainingDiverged:
+    "The error that stops a diverged run: what happened, where the last good checkpoint is, what to try."
+    if self.last_checkpoint: kept = "the last good checkpoint is {} (step {})".format(*self.last_checkpoint)
+    else: kept = "nothing was saved (no out_dir)" if self.checkpoint_dir is None else "no checkpoint was saved"
+    return TrainingDiverged(f"{what}: training diverged; {kept}. "
+                            f"Try a lower --lr, a longer warm-up, or --grad-clip-norm 1.0")
 
 # %% ../nbs/08_train.ipynb #261173da
 def _plain(value):
@@ -358,6 +378,7 @@ def state_dict(self: Trainer, extra: dict | None = None) -> dict:
     "The checkpoint of this run: the official keys plus everything an exact resume needs."
     config = getattr(self.model, 'config', None)
     return {'name': 'flair_min', 'epoch': self.epoch, 'step': self.step, 'batch': self.batch, 'world_size': self.world,
+            'batch_shape': self.batch_shape,
             'state_dict': {'module.' + k: v for k, v in self.model.state_dict().items()},
             'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
             'scaler': self.scaler.state_dict(), 'config': asdict(config) if config is not None else None,
@@ -367,13 +388,20 @@ def state_dict(self: Trainer, extra: dict | None = None) -> dict:
 @patch
 def load_state_dict(self: Trainer, checkpoint: dict) -> None:
     "Restore weights, optimizer, schedule, scaler, step, data position and history from a checkpoint."
+    stored, config = checkpoint.get('config'), getattr(self.model, 'config', None)
+    if isinstance(stored, dict) and config is not None and stored != asdict(config):
+        changed = sorted(k for k in stored.keys() | asdict(config).keys() if stored.get(k) != asdict(config).get(k))
+        raise ValueError(f"the checkpoint's model differs from this one in {changed}: resume with the model it was "
+                         f"trained with (the checkpoint stores it), or start a new run")
     load_state_dict_strict(self.model, unwrap_state_dict(checkpoint))
     self.optimizer.load_state_dict(checkpoint['optimizer'])
     self.scheduler.load_state_dict(checkpoint['scheduler'])
     if checkpoint.get('scaler'): self.scaler.load_state_dict(checkpoint['scaler'])
     self.step, self.epoch, self.batch = checkpoint['step'], checkpoint['epoch'], checkpoint['batch']
+    self.batch_shape = checkpoint.get('batch_shape')   # None in checkpoints that predate it: taken from the data
     self.history = {k: list(v) for k, v in checkpoint['history'].items()}
     self._fit_schedule()
+    self._fit_optimizer()
     if checkpoint.get('world_size', 1) != self.world:
         warnings.warn(f"resuming a run of {checkpoint['world_size']} processes with {self.world}: "
                       f"the data order (and so the loss curve) will differ from an uninterrupted run")
@@ -386,21 +414,45 @@ def _fit_schedule(self: Trainer) -> None:
     warnings.warn(f"resuming a run of {old.steps} steps (warm-up {old.warmup}) with steps={c.steps} "
                   f"(warm-up {c.warmup}): the learning-rate schedule is rebuilt for {c.steps} steps and goes on from "
                   f"step {self.step}; to stop a run early and continue it later, keep steps and use fit(until=...)")
-    schedule = WarmupCosine(c.warmup, c.steps)
-    self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
-    for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-        group['lr'] = base_lr * schedule(self.scheduler.last_epoch)   # last_epoch: the steps taken so far
-    self.scheduler._last_lr = [group['lr'] for group in self.optimizer.param_groups]
+    self.scheduler.lr_lambdas = [WarmupCosine(c.warmup, c.steps)] * len(self.optimizer.param_groups)
+    self._set_lr()
+
+@patch
+def _fit_optimizer(self: Trainer) -> None:
+    "After a resume: AdamW's peak lr, betas, eps and weight decay as this config says (one warning names the changes)."
+    c, groups = self.config, self.optimizer.param_groups      # no decay, then decay (`param_groups`)
+    old = {'the learning rate': self.scheduler.base_lrs[-1], 'betas': tuple(groups[-1]['betas']),
+           'eps': groups[-1]['eps'], 'the weight decay': groups[-1]['weight_decay']}
+    new = dict(zip(old, (c.lr, tuple(c.betas), c.eps, c.weight_decay)))
+    if not (changes := [f"{k} changed from {old[k]} to {new[k]}" for k in old if old[k] != new[k]]): return
+    warnings.warn(f"resuming with other optimizer settings than the checkpoint's: {'; '.join(changes)}; "
+                  f"from step {self.step} on, AdamW follows the new ones")
+    for group in groups: group.update(initial_lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+    groups[-1]['weight_decay'] = c.weight_decay              # the first group (gains, biases) has none
+    self.scheduler.base_lrs = [c.lr] * len(groups)
+    self._set_lr()
+
+@patch
+def _set_lr(self: Trainer) -> None:
+    "Each group's lr: its peak times the schedule at the steps taken so far, as LambdaLR computes it."
+    s = self.scheduler
+    for group, base_lr, schedule in zip(self.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+        group['lr'] = base_lr * schedule(s.last_epoch)   # last_epoch: the steps taken so far
+    s._last_lr = [group['lr'] for group in self.optimizer.param_groups]
 
 # %% ../nbs/08_train.ipynb #175614c1
 @patch
 def save(self: Trainer, extra: dict | None = None) -> Path | None:
-    "Write the checkpoint to out_dir/checkpoints/latest.pt (and step_NNNNNNNN.pt if keep_checkpoints); rank 0 only."
-    if self.checkpoint_dir is None or self.rank != 0: return None
-    latest = self.checkpoint_dir / 'latest.pt'
-    if not self.config.keep_checkpoints: return save_checkpoint(self.state_dict(extra), latest)
-    return link_checkpoint(save_checkpoint(self.state_dict(extra), self.checkpoint_dir / f'step_{self.step:08d}.pt'),
-                           latest)
+    "Write out_dir/checkpoints/latest.pt (and step_NNNNNNNN.pt if keep_checkpoints) from rank 0; return its path."
+    if self.checkpoint_dir is None: return None
+    if bad := nonfinite_tensors(self.model.state_dict()):   # never a checkpoint of NaN weights over a good one
+        raise self._diverged(f"the weights became non-finite ({', '.join(bad[:3])}) in step {self.step}")
+    latest, kept = self.checkpoint_dir / 'latest.pt', self.checkpoint_dir / f'step_{self.step:08d}.pt'
+    if self.rank == 0:
+        written = save_checkpoint(self.state_dict(extra), kept if self.config.keep_checkpoints else latest)
+        if written != latest: link_checkpoint(written, latest)
+    self.last_checkpoint = (latest, self.step)
+    return latest
 
 @patch
 def resume(self: Trainer, checkpoint) -> bool:
@@ -409,8 +461,20 @@ def resume(self: Trainer, checkpoint) -> bool:
         if self.checkpoint_dir is None: raise ValueError("resume='latest' needs out_dir (where the checkpoints are)")
         checkpoint = self.checkpoint_dir / 'latest.pt'
         if not checkpoint.is_file(): return False
-    self.load_state_dict(load_checkpoint_file(checkpoint, self.device))
+    self.load_state_dict(_resumable(load_checkpoint_file(checkpoint, self.device), checkpoint))
+    self.last_checkpoint = (Path(checkpoint), self.step)
     return True
+
+def _resumable(checkpoint, path) -> dict:
+    "`checkpoint` if a run can go on from it (a flair_min training state, finite weights); else a one-line ValueError."
+    run_keys = ('optimizer', 'scheduler', 'step', 'epoch', 'batch', 'history')
+    if missing := [k for k in run_keys if not isinstance(checkpoint, dict) or k not in checkpoint]:
+        what = ('holds weights only (no optimizer state)' if 'optimizer' in missing
+                else f"holds no flair_min training state (no {', '.join(map(repr, missing))})")
+        raise ValueError(f"{path} {what}: resume continues a flair_min training run; "
+                         f"to start from these weights use --pretrained {path}")
+    check_finite(unwrap_state_dict(checkpoint), path, nonfinite='raise')   # a run cannot go on from NaN weights
+    return checkpoint
 
 # %% ../nbs/08_train.ipynb #29bd0793
 def tensorboard_writer(log_dir):
@@ -445,34 +509,63 @@ class ProgressLog:
         if self.writer: self.writer.close()
 
 # %% ../nbs/08_train.ipynb #83d84961
+class Interrupted(KeyboardInterrupt):
+    "Ctrl-C (SIGINT) or SIGTERM stopped a run after its last finished step, saved if out_dir; `signum` says which."
+    def __init__(self, signum: int = signal.SIGINT, message: str = ''):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signal.Signals(signum)
+
 class UnsavedInterrupt(KeyboardInterrupt):
-    "A second Ctrl-C during a training step: stopped in the middle of it, without saving."
+    "A second Ctrl-C (or SIGTERM) during a training step: stopped in the middle of it, without saving."
 
 class StepGuard:
-    "Around one training step: a first Ctrl-C (SIGINT) waits until the step is done, a second one stops at once."
+    "While `fit` runs: Ctrl-C or SIGTERM raises Interrupted; inside `step()` the first waits until the step is done."
+    DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}   # the handlers it replaces
+
     def __enter__(self):
-        self.interrupted, self.previous = False, None
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self.previous = signal.signal(signal.SIGINT, self._hold)
+        self.signum, self.in_step, self.previous = None, False, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in self.DEFAULTS.items():
+                if signal.getsignal(signum) == default: self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
-    def _hold(self, signum, frame):
-        if self.interrupted: raise UnsavedInterrupt()
-        self.interrupted = True
-        tqdm.write("Ctrl-C: finishing this step, then saving (Ctrl-C again stops at once, without saving)")
+    def _handle(self, signum, frame):
+        if not self.in_step: raise Interrupted(signum)
+        if self.signum is not None: raise UnsavedInterrupt()
+        self.signum = signum
+        name = 'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name
+        tqdm.write(f"{name}: finishing this step, then saving (Ctrl-C again stops at once, without saving)")
 
-    def __exit__(self, kind, value, traceback):
-        if self.previous is not None: signal.signal(signal.SIGINT, self.previous)
-        if self.interrupted and kind is None: raise KeyboardInterrupt
+    @contextlib.contextmanager
+    def step(self):
+        "Hold a first Ctrl-C or SIGTERM until the step inside is done, then raise Interrupted."
+        self.in_step = True
+        try: yield
+        finally: self.in_step = False
+        if self.signum is not None: raise Interrupted(self.signum)
+
+    def __exit__(self, *exception):
+        for signum, handler in self.previous.items(): signal.signal(signum, handler)
 
 @patch
-def _interrupted(self: Trainer, interrupt: KeyboardInterrupt, extra: dict | None) -> None:
-    "After Ctrl-C: save the checkpoint of the last finished step (unless stopped mid-step) and say where it is."
+def _interrupted(self: Trainer, interrupt: KeyboardInterrupt, extra: dict | None) -> KeyboardInterrupt:
+    "After Ctrl-C or SIGTERM: save the last finished step (unless stopped mid-step), say where; what fit raises."
+    signum = getattr(interrupt, 'signum', signal.SIGINT)   # a bare KeyboardInterrupt is a Ctrl-C
     if isinstance(interrupt, UnsavedInterrupt): message = "stopped in the middle of a step: nothing saved"
     elif path := self.save(extra): message = f"saved {path}; continue with resume='latest' (--resume latest)"
     else: message = "nothing saved (no out_dir); trainer.history holds the run so far"
-    if self.rank == 0: tqdm.write(f"interrupted after step {self.step}: {message}")
+    message = f"interrupted by {signal.Signals(signum).name} after step {self.step}: {message}"
+    if self.rank == 0: tqdm.write(message)
+    return interrupt if isinstance(interrupt, UnsavedInterrupt) else Interrupted(signum, message)
+
+@patch
+def _crashed(self: Trainer, error: Exception, extra: dict | None) -> None:
+    "After an unexpected error: save the last finished step if it is not saved yet, and say where (stderr)."
+    saved_step = self.last_checkpoint[1] if self.last_checkpoint else 0
+    if self.checkpoint_dir is None or self.step == saved_step: return      # nothing new to save
+    try: message = f"saved {self.save(extra)}; continue with resume='latest' (--resume latest)"
+    except Exception as e: message = f"could not save a checkpoint ({type(e).__name__}: {e})"
+    if self.rank == 0: tqdm.write(f"{type(error).__name__} after step {self.step}: {message}", file=sys.stderr)
 
 # %% ../nbs/08_train.ipynb #41042866
 @patch
@@ -489,24 +582,43 @@ def fit(self: Trainer, loader, until: int | None = None, extra: dict | None = No
     c = self.config
     if c.resume: self.resume(c.resume)
     stop = min(c.steps, until or c.steps)
-    stream = data_stream(loader, self.epoch, self.batch, c.seed, self.rank)
+    stream = self._checked_stream(data_stream(loader, self.epoch, self.batch, c.seed, self.rank), loader)
     log = ProgressLog(stop, self.step, c.progress and self.rank == 0, c.log_every,
                       Path(c.out_dir) / 'tensorboard' if c.tensorboard and c.out_dir else None)
     try:
-        while self.step < stop:
-            start = time.perf_counter()
-            drawn = [next(stream) for _ in range(c.accum_steps)]   # (epoch, index, batch) triples
-            with StepGuard(): self._step(drawn, start, loader, log)
-            if evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
-                self._evaluate(evaluate, log)
-            if c.save_every and self.step % c.save_every == 0 and self.step < stop: self.save(extra)
-        if evaluate: self._evaluate(evaluate, log)
-    except KeyboardInterrupt as interrupt:
-        self._interrupted(interrupt, extra)
+        with StepGuard() as guard:
+            while self.step < stop:
+                start = time.perf_counter()
+                drawn = [next(stream) for _ in range(c.accum_steps)]   # (epoch, index, batch) triples
+                with guard.step(): self._step(drawn, start, loader, log)
+                if evaluate and c.eval_every and self.step % c.eval_every == 0 and self.step < stop:
+                    self._evaluate(evaluate, log)
+                if c.save_every and self.step % c.save_every == 0 and self.step < stop:
+                    with guard.step(): self.save(extra)      # a signal waits until the file is written
+            if evaluate: self._evaluate(evaluate, log)
+            with guard.step(): self.save(extra)
+    except KeyboardInterrupt as interrupt: raise self._interrupted(interrupt, extra) from None
+    except TrainingDiverged: raise
+    except Exception as error:
+        self._crashed(error, extra)
         raise
     finally: log.close()
-    self.save(extra)
     return self.history
+
+@patch
+def _checked_stream(self: Trainer, stream, loader):
+    "`stream`, its first batch held against the (batch size, K) the run was trained with (recorded on its first step)."
+    epoch, index, batch = next(stream)
+    images, texts = split_batch(batch)
+    shape = (getattr(loader, 'batch_size', None) or len(images), texts.shape[1])
+    if self.batch_shape is not None and tuple(self.batch_shape) != shape:
+        (size, k), (new_size, new_k) = self.batch_shape, shape
+        raise ValueError(f"this run was trained with batch size {size} and K {k}; resuming with {new_size} and "
+                         f"{new_k} would re-read a different part of the data: keep --batch-size {size} and "
+                         f"--num-captions {k}, or start a new run")
+    self.batch_shape = shape
+    yield epoch, index, batch
+    yield from stream
 
 @patch
 def _step(self: Trainer, drawn: list, start: float, loader, log: ProgressLog) -> None:
@@ -556,9 +668,25 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
 
 # %% ../nbs/08_train.ipynb #db973d3c
 def write_run_summary(out_dir, history: dict) -> None:
-    "history.json and loss_curve.png in the run folder."
+    "history.json (strict JSON: NaN as null) and loss_curve.png in the run folder, each written atomically."
     from matplotlib.figure import Figure
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / 'history.json').write_text(json.dumps(history))
+    text = json.dumps(_finite_or_none(history), allow_nan=False)
+    _write_summary_file(Path(out_dir) / 'history.json', lambda f: f.write(text.encode()))
     fig = Figure(figsize=(6, 3)); plot_history(history, fig.subplots(), smooth=max(1, len(history['loss']) // 50))
-    fig.tight_layout(); fig.savefig(out_dir / 'loss_curve.png', dpi=100)
+    fig.tight_layout()
+    _write_summary_file(Path(out_dir) / 'loss_curve.png', lambda f: fig.savefig(f, format='png', dpi=100))
+
+def _finite_or_none(value):
+    "`value` with every NaN or infinite float (in dicts and lists too) as None, which JSON writes as null."
+    if isinstance(value, float): return value if math.isfinite(value) else None
+    if isinstance(value, dict): return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)): return [_finite_or_none(v) for v in value]
+    return value
+
+def _write_summary_file(path: Path, write: Callable) -> None:
+    "`atomic_write` of `path`; a failure is one line that names the file and says where the run's checkpoint is."
+    try: atomic_write(path, write)
+    except OSError as e:
+        latest = path.parent / 'checkpoints' / 'latest.pt'
+        saved = f"the checkpoint was saved: {latest}" if latest.is_file() else f"no checkpoint in {latest.parent}"
+        raise type(e)(f"could not write {path} ({e.strerror or e}); {saved}") from e

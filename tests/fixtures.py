@@ -2,8 +2,9 @@
 
 Regenerate the committed files (from the repository root) with `python tests/fixtures.py`; every test
 run regenerates them into a temporary folder and compares them with what is committed
-(tests/test_toyworld.py)."""
-import sys
+(tests/test_toyworld.py). The damaged-shard writers (`write_damaged_tar`, `write_damaged_targz`) write into a
+test's own folder: none of their files is committed."""
+import gzip, sys, tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,28 @@ def bad_shard_members(config: ToyWorldConfig = ToyWorldConfig(), first_index: in
         img, rec = BAD_KINDS[kind](img, rec) if kind != 'good' else (img, rec)
         if img is not None: yield f'{j:03d}-{kind}.jpg', img
         yield f'{j:03d}-{kind}.json', rec
+
+def good_members(n: int = 8, config: ToyWorldConfig = ToyWorldConfig(), first_index: int = 2000):
+    "Members (name, bytes) of `n` good toy-world samples: a jpg and a json each."
+    for i in range(first_index, first_index + n): yield from sample_members(i, replace(config, image_format='jpg'))
+
+def write_damaged_tar(path, n: int = 8, member: int = 2) -> int:
+    "A plain tar of `n` good samples whose `member`-th header (from 0) is garbage; returns that header's byte offset."
+    path = write_tar(path, good_members(n))
+    with tarfile.open(path) as tar: offset = tar.getmembers()[member].offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 512] = b'garbage!' * 64                       # its checksum field no longer parses
+    path.write_bytes(bytes(data))
+    return offset
+
+def write_damaged_targz(path, n: int = 8) -> Path:
+    "A gzip-compressed tar of `n` good samples with 64 of its compressed bytes, half-way through, overwritten."
+    tar = write_tar(Path(path).with_suffix('.tmp'), good_members(n))
+    data = bytearray(gzip.compress(tar.read_bytes(), mtime=0)); tar.unlink()
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)                       # decompresses to garbage, with no error there
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
 
 def write_fixtures(out_dir, config: ToyWorldConfig = ToyWorldConfig()) -> list[Path]:
     "Write the files of data/toy/ into `out_dir` (see the list above)."

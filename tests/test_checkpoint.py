@@ -1,13 +1,15 @@
 """Reading and writing checkpoint files (nbs/03_checkpoint.ipynb) under bad input: files that hold code or Python
-objects in both of torch.save's formats (refused, never run), corrupt training checkpoints, and the temporary files
-that a killed write leaves behind."""
-import argparse, os, subprocess
+objects in both of torch.save's formats and as raw pickles (refused, never run, and never with advice to load them
+unsafely), corrupt training checkpoints, weights that hold NaN or infinity, a failed download, a symlink planted where
+a file is written, and the temporary files that a killed write leaves behind."""
+import argparse, os, pickle, subprocess, warnings
 
 import pytest
 import torch
 
 from flair_min.checkpoint import (file_format, load_checkpoint_file, read_checkpoint, refused_global,
                                   remove_stale_temporaries, save_checkpoint)
+from flair_min.model import FLAIR, FlairConfig
 from flair_min.pretrained import create_model
 
 FORMATS = {'zip': {}, 'legacy': {'_use_new_zipfile_serialization': False}}
@@ -93,3 +95,83 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted([names['dead'], names['dead_step']])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names['live'], names['no_pid'], names['plain']])
     assert remove_stale_temporaries(tmp_path) == []
+
+
+@pytest.mark.parametrize('payload', [RunsCode, RunsEval])
+def test_a_raw_pickle_that_holds_code_is_refused_without_torchs_advice(tmp_path, payload):
+    "A plain pickle (not torch.save's format) that calls code: named as code, never 'retry with weights_only=False'."
+    marker, path = tmp_path / 'code_was_run', tmp_path / 'raw.pkl'
+    with open(path, 'wb') as f: pickle.dump({'x': payload(marker)}, f, protocol=2)
+    for load in (read_checkpoint, load_checkpoint_file):
+        with pytest.raises(ValueError) as e:
+            load(path)
+        message = str(e.value)
+        assert f'{path} holds code: unpickling it would call' in message and 'nothing in it was run' in message
+        assert 'weights_only=False' not in message and 'set to `False`' not in message and '\n' not in message
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol 4')
+@pytest.mark.parametrize('obj', [{'x': RunsCode('never')}, {'a': 1}])
+def test_torchs_advice_is_dropped_from_what_torch_said(tmp_path, obj):
+    "A pickle torch cannot even read (protocol 4): torch's own words are quoted, on one line, without its advice."
+    path = tmp_path / 'raw4.pkl'
+    with open(path, 'wb') as f: pickle.dump(obj, f, protocol=4)
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith(f'{path} is not a PyTorch checkpoint') and 'Unsupported operand' in message
+    for advice in ('weights_only', 'trusted source', 'file an issue', '\n'): assert advice not in message
+
+
+def test_nonfinite_weights_warn_or_raise(flair_tiny, tmp_path):
+    from flair_min.checkpoint import load_checkpoint
+    state_dict = dict(flair_tiny['state_dict'])
+    second = list(state_dict)[5]
+    state_dict['logit_scale'] = torch.tensor(float('nan'))
+    state_dict[second] = torch.full_like(state_dict[second], float('inf'))
+    path = tmp_path / 'diverged.pt'
+    torch.save({'state_dict': state_dict}, path)
+    with pytest.warns(UserWarning, match=f'{path} holds NaN or infinite values in 2 of') as caught:
+        load_checkpoint(FLAIR(FlairConfig.tiny()), path)
+    assert 'logit_scale' in str(caught[0].message) and second in str(caught[0].message)
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(FLAIR(FlairConfig.tiny()), path, nonfinite='raise')
+    assert str(e.value) == str(caught[0].message) and '\n' not in str(e.value)
+    with pytest.raises(ValueError, match='the state dict holds NaN or infinite values'):
+        load_checkpoint(FLAIR(FlairConfig.tiny()), state_dict, nonfinite='raise')
+    with pytest.raises(ValueError, match="nonfinite='ignore': expected 'warn' or 'raise'"):
+        load_checkpoint(FLAIR(FlairConfig.tiny()), flair_tiny['state_dict'], nonfinite='ignore')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                          # finite weights: not a word
+        load_checkpoint(FLAIR(FlairConfig.tiny()), flair_tiny['state_dict'], nonfinite='raise')
+
+
+def test_a_failed_download_is_a_connection_error_on_one_line(monkeypatch):
+    import huggingface_hub
+    from flair_min.checkpoint import download_weights_from_hf
+    def no_network(**kwargs): raise OSError('Name or service not known\n(after 5 retries)')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    with pytest.raises(ConnectionError) as e:
+        download_weights_from_hf(filename='flair-merged30m.pt')
+    assert 'pass its local path' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_atomic_write_replaces_a_planted_symlink_not_its_target(tmp_path):
+    from flair_min.checkpoint import atomic_write, temporary_path
+    target = tmp_path / 'precious.txt'
+    target.write_text('keep me')
+    run = tmp_path / 'run'
+    run.mkdir()
+    link = run / 'history.json'
+    link.symlink_to(target)
+    atomic_write(link, lambda f: f.write(b'{}'))
+    assert target.read_text() == 'keep me' and not link.is_symlink() and link.read_bytes() == b'{}'
+    temporary_path(link).symlink_to(target)                    # one planted where the temporary file goes
+    atomic_write(link, lambda f: f.write(b'[]'))
+    assert target.read_text() == 'keep me' and link.read_bytes() == b'[]'
+    def dies(f):
+        f.write(b'half'); raise RuntimeError('killed mid-write')
+    with pytest.raises(RuntimeError, match='killed mid-write'):
+        atomic_write(link, dies)
+    assert link.read_bytes() == b'[]' and [p.name for p in run.iterdir()] == ['history.json']

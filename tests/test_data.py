@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
+from fixtures import write_damaged_tar, write_damaged_targz
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
-from flair_min.data import (DROPPED, SKIP_KINDS, DataConfig, ShardStream, TableStream, expand_urls, is_blank,
-                            load_table, make_pipeline, make_train_loader, sentence_pool, source_kind, tar_samples,
-                            write_shard)
+from flair_min.data import (DROPPED, SKIP_KINDS, DataConfig, ShardStream, SkipSample, TableStream, TrainLoader,
+                            as_rgb, expand_urls, is_blank, load_table, make_pipeline, make_train_loader, raw_record,
+                            sentence_pool, source_kind, tar_samples, write_shard)
 from flair_min.cc3m import cc3m_recap_loader
 from flair_min.model import image_transform
 from flair_min.tokenizer import get_tokenizer
@@ -352,3 +353,93 @@ def test_lists_of_blank_sentences_are_empty_captions(tmp_path):
     raw = {'jpg': photo(), 'json': json.dumps({'raw_caption': ['...', 'A cat', ' ']}).encode()}
     _, tokens = pipeline(raw, random.Random(0))
     assert {tok.decode(row) for row in tokens} <= {'a cat', 'a cat . a cat', 'a cat . a cat . a cat'}
+
+
+# ---------------------------------------------------------------- hostile input: counted, never fatal, never silent
+
+def test_deeply_nested_json_is_a_bad_json_skip(tmp_path):
+    "100,000 nested '[' make json.loads raise RecursionError: one counted bad_json sample, not a dead run."
+    nested = b'[' * 100_000
+    with pytest.raises(SkipSample) as skip: raw_record({'json': nested})
+    assert skip.value.kind == 'bad_json' and 'RecursionError' in skip.value.reason
+    write_shard(tmp_path / 'nested.tar', [*good(0, 2), {'__key__': 'nested', 'jpg': photo(), 'json': nested},
+                                           *good(2, 1)])
+    loader = make_train_loader(str(tmp_path / 'nested.tar'), batch_size=1, num_workers=0, with_keys=True, **SMALL)
+    assert sorted(keys_of(loader)) == ['00000', '00001', '00002']
+    assert {k: v for k, v in loader.skipped().items() if v} == {'bad_json': 1}
+
+
+@pytest.mark.filterwarnings('ignore:This DataLoader will create 65 worker processes')   # torch: more than the cores
+def test_any_number_of_workers_has_a_counter_row(shards):
+    "65 workers (one more than the counters once had rows for) all count their samples: no crash at step 65."
+    loader = make_train_loader(shards['urls'], batch_size=1, num_workers=65, resampled=True, num_samples=65,
+                               shuffle_buffer=0, **SMALL)
+    assert len(list(loader)) == 65                                              # one sample from every worker
+    assert loader.counts()['ok'] == 65
+    del loader
+    stream = ShardStream(shards['urls'], make_pipeline(32), max_workers=2)    # made by hand, with too few rows
+    with pytest.raises(ValueError, match='num_workers=3: the stream counts samples for at most 2 workers'):
+        TrainLoader(stream, batch_size=1, num_workers=3)
+
+
+def test_damaged_shards_are_counted_from_where_they_broke(tmp_path, caplog):
+    "A garbage header in a .tar, damaged bytes in a .tar.gz: the samples before are kept, the rest is one bad_shard."
+    offset = write_damaged_tar(tmp_path / 'toy-000.tar')                      # its 3rd member: the 2nd sample's jpg
+    write_damaged_targz(tmp_path / 'toy-001.tar.gz')
+    for name in ('toy-000.tar', 'toy-001.tar.gz'):
+        out = list(tar_samples(str(tmp_path / name)))
+        skips = [s['__skip__'] for s in out if '__skip__' in s]
+        assert len(skips) == 1 and skips[0][0] == 'bad_shard' and '__skip__' in out[-1], (name, skips)
+        assert f'{name}: unreadable from byte ' in skips[0][1] and 'the rest of the shard' in skips[0][1], skips
+    assert [s['__key__'] for s in tar_samples(str(tmp_path / 'toy-000.tar'))][:-1] == ['00002000']
+    urls = [str(tmp_path / 'toy-000.tar'), str(tmp_path / 'toy-001.tar.gz')]
+    loader = make_train_loader(urls, batch_size=1, num_workers=0, **SMALL)
+    with caplog.at_level(logging.WARNING, logger='flair_min.data'): kept = len(list(loader))
+    assert loader.skipped()['bad_shard'] == 2 and loader.counts()['ok'] == kept >= 1
+    assert f'bad_shard: toy-000.tar: unreadable from byte {offset} on (' in caplog.text
+    assert 'bad_shard: toy-001.tar.gz: unreadable from byte ' in caplog.text
+
+
+def test_whole_and_cut_gzip_shards(tmp_path):
+    "A good .tar.gz reads whole with no skip; one cut short is a bad_shard after its complete samples."
+    import gzip
+    write_shard(tmp_path / 'good.tar', good(0, 6))
+    data = gzip.compress((tmp_path / 'good.tar').read_bytes(), mtime=0)
+    (tmp_path / 'good.tar.gz').write_bytes(data)
+    assert [s['__key__'] for s in tar_samples(str(tmp_path / 'good.tar.gz'))] == [f'{i:05d}' for i in range(6)]
+    (tmp_path / 'cut.tar.gz').write_bytes(data[:len(data) * 2 // 3])
+    out = list(tar_samples(str(tmp_path / 'cut.tar.gz')))
+    assert out[-1]['__skip__'][0] == 'bad_shard' and len(out) > 1 and 'cut.tar.gz: unreadable' in out[-1]['__skip__'][1]
+
+
+def test_images_without_a_metadata_row_are_counted(tmp_path, caplog):
+    "The imagefolder loader keeps only the images its metadata lists: the others are named and counted as no_caption."
+    folder = tmp_path / 'my_data'; folder.mkdir()
+    for i in range(5): (folder / f'{i}.jpg').write_bytes(photo(i))
+    (folder / 'metadata.jsonl').write_text(''.join(json.dumps({'file_name': f'{i}.jpg', 'caption': f'A square {i}.'})
+                                                   + '\n' for i in range(2)))
+    with caplog.at_level(logging.WARNING, logger='flair_min.data'):
+        table = load_table(folder, cache_dir=str(tmp_path / 'cache'))
+    assert '3 of its 5 images have no row in its metadata' in caplog.text and '2.jpg, 3.jpg, 4.jpg' in caplog.text
+    loader = make_train_loader(table, batch_size=1, num_workers=0, **SMALL)
+    assert len(list(loader)) == 2 and {k: v for k, v in loader.skipped().items() if v} == {'no_caption': 3}
+    assert len(list(loader)) == 2 and loader.skipped()['no_caption'] == 6        # counted in every epoch
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_to_white():
+    "A 16-bit grey PNG opens as mode 'I;16'; PIL's convert('RGB') clips every value above 255 to white."
+    values = np.linspace(0, 65535, 40 * 56).reshape(40, 56).astype(np.uint16)
+    out = io.BytesIO(); Image.fromarray(values).save(out, 'PNG')
+    decoded = Image.open(io.BytesIO(out.getvalue())); decoded.load()
+    assert decoded.mode == 'I;16'
+    rgb = np.asarray(as_rgb(decoded)).astype(float)                             # (40, 56, 3)
+    assert rgb.shape == (40, 56, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    np.testing.assert_allclose(rgb[..., 1], values / 257, atol=1)
+    for image in (Image.fromarray(values.astype(np.int32)), Image.fromarray(values.astype(np.float32))):   # 'I', 'F'
+        assert image.mode in ('I', 'F')
+        np.testing.assert_allclose(np.asarray(as_rgb(image))[..., 0], values / 257, atol=1)
+    low = np.array([[0, 100, 200]], dtype=np.uint16)                           # 8-bit values in 16 bits: kept
+    np.testing.assert_array_equal(np.asarray(as_rgb(Image.fromarray(low)))[..., 0], low)
+    raw = {'png': out.getvalue(), 'json': b'{"caption": "A grey ramp."}'}
+    pixels, _ = make_pipeline(32, num_captions=2, context_length=16)(raw, random.Random(0))
+    assert pixels.max() - pixels.min() > 3                                      # a ramp, not a white square

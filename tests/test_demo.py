@@ -238,3 +238,14 @@ def test_text_swap_similarity_against_a_loop():
                    for s, t in zip(keep, swapped)]
     assert sims['colour'] == pytest.approx(float(torch.stack(cosines).mean()), abs=1e-5)
     assert all(-1 <= v <= 1 for v in sims.values())
+
+
+def test_ablation_results_path_is_made_before_any_training(tmp_path, monkeypatch):
+    "A results path that cannot be a folder fails at once, not after the ten trainings of the ablation."
+    import flair_min.demo
+    def refuse(*args, **kwargs): raise AssertionError('trained before the results folder was made')
+    monkeypatch.setattr(flair_min.demo, 'train_demo_model', refuse)
+    (tmp_path / 'taken').write_text('a file')
+    with pytest.raises(FileExistsError, match='taken'):
+        flair_min.demo.run_ablation(dict(quick=True, quiet=True, out=str(tmp_path / 'demo')),
+                                    results_dir=tmp_path / 'taken')

@@ -2,7 +2,7 @@
 documented layouts, checked against an independent transcription of the official counting
 (data_list → map_img_cap → extract_unique_img_list → remap_indices); and `flair-min eval` end to
 end on a tiny COCO-layout folder."""
-import argparse, json, shutil
+import argparse, json, re, shutil, struct, zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from flair_min.cli import add_eval_arguments, run_eval
-from flair_min.eval_sets import (BENCHMARKS, read_benchmark, read_coco, read_dci, read_docci, read_flickr30k, read_iiw,
-                                 read_sharegpt4v, read_urban1k)
+from flair_min.cli import add_eval_arguments, main, run_eval
+from flair_min.eval_sets import (BENCHMARKS, ImageFiles, read_benchmark, read_coco, read_dci, read_docci,
+                                 read_flickr30k, read_iiw, read_sharegpt4v, read_urban1k)
 from flair_min.captions import split_caption
-from flair_min.model import FLAIR, FlairConfig
+from flair_min.model import FLAIR, FlairConfig, image_transform
+from torch.utils.data import DataLoader
 
 EXCERPTS = ROOT / 'data' / 'annotations'
 
@@ -272,3 +273,59 @@ def test_wrong_kinds_of_values_are_named(tmp_path):
                  {'images': [{'id': 1, 'file_name': 'a.jpg'}], 'annotations': [{'image_id': 2, 'caption': 'x'}]})
     with pytest.raises(ValueError, match="no annotation's image_id is the id of an entry of 'images'"):
         read_coco(tmp_path)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+
+def write_broken_image(path: Path, kind: str) -> Path:
+    "A benchmark image spoiled the ways downloads go wrong; a bomb: a PNG header claiming 100,000 × 100,000 pixels."
+    Image.new('RGB', (44, 36), (200, 30, 30)).save(path)
+    data = path.read_bytes()
+    bomb = (b'\x89PNG\r\n\x1a\n' + png_chunk(b'IHDR', struct.pack('>IIBBBBB', 100_000, 100_000, 8, 2, 0, 0, 0))
+            + png_chunk(b'IEND', b''))
+    path.write_bytes({'truncated': data[:len(data) // 2], 'empty': b'', 'not-an-image': b'<html>Not Found</html>',
+                      'bomb': bomb}[kind])
+    return path
+
+
+BROKEN_IMAGES = {'truncated': 'is truncated or corrupt', 'empty': 'is empty (0 bytes)',
+                 'not-an-image': 'is not an image PIL can read',
+                 'bomb': "is larger than PIL's decompression-bomb limit (Image size (10000000000 pixels) exceeds"}
+
+
+@pytest.mark.parametrize('suffix', ['.jpg', '.png'])
+@pytest.mark.parametrize('kind', BROKEN_IMAGES)
+def test_broken_benchmark_image_names_the_file(tmp_path, kind, suffix):
+    good = tmp_path / f'good{suffix}'; Image.new('RGB', (44, 36)).save(good)
+    bad = write_broken_image(tmp_path / f'{kind}{suffix}', kind)
+    images = ImageFiles([good, bad], image_transform(32))
+    assert images[0].shape == (3, 32, 32)
+    with pytest.raises(ValueError) as error: images[1]
+    message = str(error.value)
+    assert message.startswith(f'{bad} {BROKEN_IMAGES[kind]}') and message.endswith('re-download it or remove it')
+    assert '\n' not in message
+    with pytest.raises(ValueError, match=re.escape(BROKEN_IMAGES[kind])) as error:
+        list(DataLoader(images, batch_size=2, num_workers=0))
+    assert str(error.value) == message
+
+
+def test_broken_image_in_a_loader_worker_still_names_the_file(tmp_path):
+    bad = write_broken_image(tmp_path / 'cut.jpg', 'truncated')
+    with pytest.raises(ValueError, match='is truncated or corrupt') as error:
+        list(DataLoader(ImageFiles([bad], image_transform(32)), num_workers=1))
+    assert str(bad) in str(error.value)
+
+
+@pytest.mark.parametrize('workers', ['0', '1'])   # 1: raised in a loader worker, which torch wraps in its traceback
+def test_flair_min_eval_on_a_truncated_image_prints_one_line(eval_setup, tmp_path, capsys, workers):
+    tmp, root = eval_setup
+    copy = shutil.copytree(root, tmp_path / 'coco')
+    bad = write_broken_image(sorted((copy / 'images' / 'val2017').iterdir())[2], 'truncated')
+    with pytest.raises(SystemExit) as exit_:
+        main(['eval', '--pretrained', str(tmp / 'tiny_clip_vocab.pt'), '--dataset', 'coco', '--root', str(copy),
+              '--workers', workers, '--device', 'cpu', '--output', str(tmp_path / 'x.json')])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'Traceback' not in err and 'Caught' not in err
+    assert err.strip().splitlines()[-1].startswith(f'flair-min eval: error: {bad} is truncated or corrupt')

@@ -2,6 +2,7 @@
 ranges on a model with the CLIP vocabulary, mIoU on hand-made masks, the VOC reader on a folder in the real layout,
 and the explorer's update without a browser."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from conftest import REFERENCE
 from flair_min.localization import (MAP_KINDS, Explorer, centre_square, confusion_matrix, evaluate_segmentation,
                                     localization_maps, map_on_image, read_voc, segment, segmentation_metrics)
+from flair_min.cli import main
 from flair_min.model import FLAIR, FlairConfig
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
@@ -143,3 +145,67 @@ def test_explorer_update_without_a_browser(clip_tiny):
 def _png(array) -> bytes:
     import io
     out = io.BytesIO(); Image.fromarray(array).save(out, 'PNG'); return out.getvalue()
+
+
+def test_head_must_be_none_or_an_integer_in_range(tiny, maps_ref):
+    images, texts = maps_ref['images'], maps_ref['texts']
+    for head in (1.5, 99, 8, -1, True, '2'):
+        with pytest.raises(ValueError, match=rf"head={head!r}: expected None \(the heads' mean\) or an integer "
+                                             r"in \[0, 8\)"):
+            localization_maps(tiny, images, texts, head=head)
+
+
+@pytest.fixture(scope='module')
+def nan_clip_tiny():
+    "A tiny FLAIR with the CLIP vocabulary and every weight NaN: what a diverged run leaves behind."
+    torch.manual_seed(0)
+    model = FLAIR(FlairConfig.resolve({'preset': 'tiny', 'vocab_size': 49408})).eval()
+    with torch.no_grad():
+        for p in model.parameters(): p.fill_(math.nan)
+    return model
+
+
+NAN_MAPS = r"maps: \d+ of \d+ values are not finite \(nan\); expected finite maps: the model's weights or inputs hold"
+
+
+def test_nan_model_maps_fail_instead_of_drawing_black(nan_clip_tiny, maps_ref):
+    images, texts = maps_ref['images'], torch.randint(0, 49408, (2, 16))
+    for kind in MAP_KINDS:
+        with pytest.raises(ValueError, match=NAN_MAPS): localization_maps(nan_clip_tiny, images, texts, kind)
+    with pytest.raises(ValueError, match=NAN_MAPS): localization_maps(nan_clip_tiny, images, texts, zero_slot=True)
+
+
+def test_nan_model_segmentation_fails(tmp_path, nan_clip_tiny):
+    voc20 = read_voc(write_voc(tmp_path / 'VOC2012', n=1))
+    for kind in MAP_KINDS:
+        with pytest.raises(ValueError, match=NAN_MAPS): evaluate_segmentation(nan_clip_tiny, voc20, kind)
+
+
+def test_nan_model_in_the_explorer_prints_one_line(nan_clip_tiny, capsys):
+    photo = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    explorer = Explorer(nan_clip_tiny, [photo], text='a red circle')
+    with pytest.raises(ValueError, match=NAN_MAPS): explorer.compute()
+    capsys.readouterr()
+    explorer.update()                       # no kernel: what the output area would show goes to stdout
+    shown = capsys.readouterr().out.replace('\x1b[2K', '').replace('\r', '').strip()
+    assert re.fullmatch(NAN_MAPS + r".*", shown) and '\n' not in shown and 'Image object' not in shown
+
+
+def test_nan_model_in_flair_min_visualize_prints_one_line(tmp_path, nan_clip_tiny, capsys):
+    torch.save({'state_dict': nan_clip_tiny.state_dict()}, tmp_path / 'nan.pt')
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / 'p.png')
+    with pytest.raises(SystemExit) as exit_:
+        main(['visualize', '--pretrained', str(tmp_path / 'nan.pt'), '--image', str(tmp_path / 'p.png'),
+              '--text', 'a dog', '--out', str(tmp_path / 'maps'), '--device', 'cpu'])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and '\n' not in err and re.match('flair-min visualize: error: ' + NAN_MAPS, err)
+    assert not list((tmp_path / 'maps').glob('*.png'))
+
+
+@pytest.mark.parametrize('which', ['JPEGImages/2008_000001.jpg', 'SegmentationClass/2008_000001.png'])
+def test_truncated_voc_file_names_the_file(tmp_path, clip_tiny, which):
+    root = write_voc(tmp_path / 'VOC2012')
+    data = (root / which).read_bytes(); (root / which).write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(root / which))} is truncated or corrupt .*"
+                                         "re-download it or remove it$"):
+        evaluate_segmentation(clip_tiny, read_voc(root))

@@ -203,3 +203,15 @@ def test_single_image_batch():
     loss = FlairLoss(4)(**batch, visual_proj=pool, negative_offsets=offsets)
     loss.backward()
     assert torch.isfinite(loss) and offsets.shape == (1, 0)
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    (dict(num_captions=0), 'num_captions=0: expected an integer >= 1'),
+    (dict(num_captions=-2), 'num_captions=-2: expected an integer >= 1'),
+    (dict(num_captions=2.0), 'num_captions=2.0: expected an integer >= 1'),
+    (dict(num_captions=True), 'num_captions=True: expected an integer >= 1'),
+    (dict(num_captions=2, chunk_size=0), 'chunk_size=0: expected a number of images >= 1, or None'),
+])
+def test_flair_loss_checks_its_arguments_when_built(kwargs, expected):
+    with pytest.raises(ValueError, match=f'^{expected}'):
+        FlairLoss(**kwargs)

@@ -1,6 +1,7 @@
 "Parity of flair_min.model with the official FLAIR outputs (flair_tiny.pt), layout of ViT-B-16-FLAIR, preprocessing."
-import json
+import dataclasses, json, re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -231,3 +232,60 @@ def test_length_buckets_are_exact(flair_tiny):
         assert set(grads) == set(ref_grads)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], atol=1e-5 * ref_grads[name].abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize('field, value, expected', [
+    ('patch_size', 0, 'patch_size=0: expected an int >= 1'),
+    ('vision_heads', 0, 'vision_heads=0: expected an int >= 1'),
+    ('text_layers', 0, 'text_layers=0: expected an int >= 1'),
+    ('vision_layers', -1, 'vision_layers=-1: expected an int >= 1'),
+    ('vocab_size', 'big', "vocab_size='big': expected an int >= 1"),
+    ('embed_dim', 64.0, 'embed_dim=64.0: expected an int >= 1'),
+    ('image_size', True, 'image_size=True: expected an int >= 1'),
+    ('context_length', 1, 'context_length=1: expected an int >= 2'),
+    ('pool_heads', None, 'pool_heads=None: expected an int >= 1'),
+    ('mlp_ratio', 0, 'mlp_ratio=0: expected a finite number > 0'),
+    ('mlp_ratio', float('nan'), 'mlp_ratio=nan: expected a finite number > 0'),
+    ('init_logit_scale', float('inf'), 'init_logit_scale=inf: expected a finite number'),
+    ('init_logit_bias', '-10', "init_logit_bias='-10': expected a finite number"),
+    ('image_size', 36, 'image_size=36 is not a multiple of patch_size=8'),
+    ('vision_width', 129, 'vision_width=129 is not divisible by vision_heads=2'),
+    ('text_heads', 3, 'text_width=128 is not divisible by text_heads=3'),
+    ('embed_dim', 60, 'embed_dim=60 is not divisible by pool_heads=8'),
+])
+def test_every_config_field_is_checked(field, value, expected):
+    "A bad field is named with what was expected, as a ValueError, before any layer is built."
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        dataclasses.replace(FlairConfig.tiny(), **{field: value})
+
+
+def test_config_names_every_problem_at_once():
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(FlairConfig.tiny(), patch_size=0, text_layers=0, mlp_ratio=-1)
+    assert str(e.value) == ('patch_size=0: expected an int >= 1; text_layers=0: expected an int >= 1; '
+                            'mlp_ratio=-1: expected a finite number > 0')
+
+
+def test_resolve_names_where_the_config_came_from(tmp_path):
+    with pytest.raises(ValueError, match=r"^--model: patch_size=0: expected an int >= 1$"):
+        FlairConfig.resolve('{"preset": "tiny", "patch_size": 0}', source='--model')
+    with pytest.raises(ValueError, match=r"^--model: not valid JSON \(Expecting .*line 1 column \d+\)"):
+        FlairConfig.resolve('{"preset": "tiny",', source='--model')
+    (tmp_path / 'bad.json').write_text('{"preset": "tiny" "vocab_size": 5}')
+    with pytest.raises(ValueError, match=rf"^--model: {re.escape(str(tmp_path / 'bad.json'))} is not valid JSON"):
+        FlairConfig.resolve(str(tmp_path / 'bad.json'), source='--model')
+    (tmp_path / 'list.json').write_text('[1, 2]')
+    with pytest.raises(ValueError, match=r"^--model: expected a JSON object of FlairConfig fields, got a list"):
+        FlairConfig.resolve(tmp_path / 'list.json', source='--model')
+    with pytest.raises(ValueError, match=r"^--model: unknown model name 'huge'"):
+        FlairConfig.resolve({'preset': 'huge'}, source='--model')
+    with pytest.raises(ValueError, match=r"^model: vocab_size='big'"):   # the default source: the argument's name
+        FlairConfig.resolve({'preset': 'tiny', 'vocab_size': 'big'})
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped_by_the_evaluation_transform():
+    "PIL's convert('RGB') clips 16-bit values above 255 to white; convert_to_rgb scales them to 8 bits first."
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)   # mode 'I;16'
+    x = image_transform(64)(Image.fromarray(ramp))                             # (3, 64, 64), normalised
+    pixels = x[0] * 0.26862954 + 0.48145466                                   # back to [0, 1]
+    assert pixels.min() < 0.05 and pixels.max() > 0.95 and (pixels > 0.99).float().mean() < 0.05

@@ -1,5 +1,5 @@
 "Loading checkpoints: file forms, strictness, the errors of broken files and of a missing network, precisions."
-import argparse
+import argparse, re
 
 import pytest
 import torch
@@ -126,6 +126,13 @@ def test_pickle_refused_by_weights_only(flair_tiny, tmp_path, zip_format):
     assert 'argparse.Namespace' in str(e.value) and 'weights_only=False' in str(e.value)
 
 
+@pytest.mark.parametrize('bad', [5, 2.5, ['flair-cc3m-recap.pt'], b'weights.pt'])
+def test_pretrained_of_another_type_is_named(bad):
+    with pytest.raises(TypeError, match=rf"^pretrained={re.escape(repr(bad))}: expected a path, a released file name "
+                                        r"\('flair-cc3m-recap.pt', .*\) or a state dict, got " + type(bad).__name__):
+        create_model_and_transforms('tiny', pretrained=bad)
+
+
 def test_unknown_pretrained_name():
     with pytest.raises(FileNotFoundError, match='neither an existing file nor one of the released checkpoints'):
         create_model('tiny', pretrained='flair-laion2b.pt')
@@ -136,7 +143,7 @@ def test_no_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     for call in (lambda: download_weights_from_hf('xiaorui638/flair', 'flair-cc3m-recap.pt', cache_dir=tmp_path),
                  lambda: create_model('ViT-B-16-FLAIR', pretrained='flair-cc3m-recap.pt', cache_dir=tmp_path)):
-        with pytest.raises(RuntimeError) as e:
+        with pytest.raises(ConnectionError) as e:
             call()
         msg = str(e.value)
         assert 'pass its local path' in msg and "'xiaorui638/flair'" in msg and 'flair-cc3m-recap.pt' in msg
@@ -146,7 +153,7 @@ def test_connection_error_says_what_to_do(monkeypatch):
     import huggingface_hub
     def no_network(**kwargs): raise ConnectionError('Name or service not known')
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
-    with pytest.raises(RuntimeError, match='pass its local path'):
+    with pytest.raises(ConnectionError, match='pass its local path'):
         download_weights_from_hf(filename='flair-merged30m.pt')
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from flair_min.model import FLAIR, TextConditionedPooling
+from flair_min.model import FLAIR, FlairConfig, TextConditionedPooling
 from flair_min.retrieval import (MODES, OUTSIDE_TOPK, image_to_text_ranks, per_image_scores, pooling_weights,
                                  prepare_texts, retrieval_metrics, retrieval_scores, score_embeddings,
                                  text_to_image_ranks, topk_scores)
@@ -124,3 +124,47 @@ def test_bad_inputs_raise_clear_errors(tiny, flair_tiny):
     with pytest.raises(ValueError, match='expected one of'): retrieval_scores(tiny, [images], texts, precision='fp8')
     with pytest.raises(ValueError, match='13 integer image indices'):
         retrieval_metrics(torch.zeros(8, 13), torch.zeros(12, dtype=torch.long))
+
+
+@pytest.fixture(scope='module')
+def nan_model():
+    "The tiny FLAIR with every weight NaN: what a diverged run leaves behind."
+    torch.manual_seed(0)
+    model = FLAIR(FlairConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in model.parameters(): p.fill_(math.nan)
+    return model
+
+
+@pytest.mark.parametrize('bad', [math.nan, math.inf, -math.inf])
+def test_non_finite_scores_are_refused_not_ranked_first(bad):
+    scores = torch.full((4, 4), bad)
+    with pytest.raises(ValueError, match=r'scores: 16 of 16 values are not finite .*NaN/inf'):
+        retrieval_metrics(scores, torch.arange(4))
+    scores = torch.eye(4); scores[2, 1] = bad
+    with pytest.raises(ValueError, match=r'1 of 16 values are not finite'): text_to_image_ranks(scores, torch.arange(4))
+    with pytest.raises(ValueError, match=r'1 of 16 values are not finite'): image_to_text_ranks(scores, torch.arange(4))
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_a_nan_model_fails_in_retrieval_scores(nan_model, flair_tiny, mode):
+    images, texts = flair_tiny['retrieval.images'], flair_tiny['retrieval.texts']
+    with pytest.raises(ValueError, match=r"scores: \d+ of \d+ values are not finite \(nan\).*weights or inputs"):
+        retrieval_scores(nan_model, [images[:3], images[3:]], texts, mode, topk=2)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_argument(tiny, flair_tiny):
+    images, texts = flair_tiny['retrieval.images'], flair_tiny['retrieval.texts']
+    too_big = texts.clone(); too_big[3, 2] = 1000
+    with pytest.raises(ValueError, match=r"texts: got token id 1000, but the model's vocabulary has 1000 entries"):
+        retrieval_scores(tiny, [images], too_big)
+    negative = texts.clone(); negative[0, 1] = -1
+    with pytest.raises(ValueError, match=r"texts: got token id -1, but the model's vocabulary has 1000 entries"):
+        retrieval_scores(tiny, [images], negative)
+
+
+@pytest.mark.parametrize('shape', [(0, 0), (0, 3), (3, 0)])
+def test_empty_score_matrix_is_refused(shape):
+    txt2img = torch.zeros(shape[1], dtype=torch.long)
+    with pytest.raises(ValueError, match=r'scores: got an empty .* matrix; expected at least one image and one text'):
+        retrieval_metrics(torch.zeros(shape), txt2img)

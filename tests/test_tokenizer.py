@@ -181,3 +181,10 @@ def test_pickles_for_dataloader_workers(tok):
 def test_junction_piece_merges(tok):
     # '?.' is one regex piece that BPE merges into one token (00_tokenizer §4, 01_captions §6)
     assert list(tok.encode('Is it a dog?. Yes'))[-3:] == [1929, 41251, 1958]
+
+
+@pytest.mark.parametrize('bad, kind', [(None, 'NoneType'), (b'a dog', 'bytes'), (42, 'int'),
+                                       (bytearray(b'x'), 'bytearray')])
+def test_texts_that_are_not_strings_are_named(tok, bad, kind):
+    with pytest.raises(TypeError, match=f'^texts: expected a string or a list of strings, got {kind}'):
+        tok(bad)

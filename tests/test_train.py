@@ -2,8 +2,11 @@
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
 processes against one, and the `flair-min train` entry point on toy-world shards; and bad input: knobs out of
-range, a resume with another length, Ctrl-C, an unwritable out_dir, a corrupt latest.pt, stale temporaries."""
-import argparse, contextlib, math, os, signal, socket, subprocess, time, warnings
+range or not finite, a resume with another length, learning rate, batch size or K, a resume from weights only or from
+NaN weights, a loss or weights that become NaN, Ctrl-C, SIGTERM (in a real subprocess), an error in the middle of a
+run, an unwritable out_dir, a corrupt latest.pt, stale temporaries, and a run folder with a planted symlink or a file
+that cannot be written."""
+import argparse, contextlib, dataclasses, json, math, os, re, signal, socket, subprocess, sys, time, warnings
 
 import pytest
 import torch
@@ -224,16 +227,21 @@ def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
 
 
 @pytest.mark.parametrize('knob, value, expected', [
-    ('grad_clip_norm', -1, 'grad_clip_norm=-1: expected a gradient norm > 0 to clip to, or None (no clipping)'),
-    ('grad_clip_norm', 0, 'grad_clip_norm=0: expected a gradient norm > 0'),
+    ('grad_clip_norm', -1, 'grad_clip_norm=-1: expected a finite gradient norm > 0 to clip to, or None (no clipping)'),
+    ('grad_clip_norm', 0, 'grad_clip_norm=0: expected a finite gradient norm > 0'),
     ('save_every', 0, 'save_every=0: expected a number of steps >= 1, or None'),
-    ('save_every', -5, 'save_every=-5'), ('lr', 0, 'lr=0: expected a learning rate > 0'), ('lr', -1e-3, 'lr=-0.001'),
-    ('lr', float('nan'), 'lr=nan'), ('eps', 0, 'eps=0: expected a number > 0'),
-    ('weight_decay', -0.5, 'weight_decay=-0.5: expected a number >= 0'),
+    ('save_every', -5, 'save_every=-5'), ('lr', 0, 'lr=0: expected a finite learning rate > 0'),
+    ('lr', -1e-3, 'lr=-0.001'), ('lr', float('nan'), 'lr=nan'), ('eps', 0, 'eps=0: expected a finite number > 0'),
+    ('weight_decay', -0.5, 'weight_decay=-0.5: expected a finite number >= 0'),
     ('betas', (0.9, 1.0), 'betas=(0.9, 1.0): expected two numbers in [0, 1)'), ('betas', (-0.1, 0.9), 'betas='),
     ('betas', (0.9,), 'betas=(0.9,)'), ('betas', 0.9, 'betas=0.9'), ('eval_every', 0, 'eval_every=0'),
     ('loss_chunk_size', 0, 'loss_chunk_size=0: expected a number of images >= 1, or None'),
-    ('steps', 0, 'steps=0'), ('warmup', -1, 'warmup=-1'), ('lr', '1e-3', "lr='1e-3'")])
+    ('steps', 0, 'steps=0'), ('warmup', -1, 'warmup=-1'), ('lr', '1e-3', "lr='1e-3'"),
+    ('lr', math.inf, 'lr=inf: expected a finite learning rate > 0'), ('eps', math.inf, 'eps=inf: expected a finite'),
+    ('weight_decay', math.inf, 'weight_decay=inf: expected a finite number >= 0'),
+    ('grad_clip_norm', math.inf, 'grad_clip_norm=inf: expected a finite gradient norm > 0'),
+    ('betas', (0.9, math.nan), 'betas=(0.9, nan)'), ('steps', math.inf, 'steps=inf'),
+    ('warmup', math.inf, 'warmup=inf'), ('save_every', math.inf, 'save_every=inf')])
 def test_knobs_out_of_range_are_refused(knob, value, expected):
     with pytest.raises(ValueError) as e:
         T.TrainConfig(**{knob: value})
@@ -264,12 +272,103 @@ def test_resume_with_the_same_length_says_nothing(tmp_path):
         tiny_trainer(steps=4, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=4))
 
 
-class CtrlCAfter:
-    "The batches, with a KeyboardInterrupt (a Ctrl-C while the loader fetches data) in place of batch n."
-    def __init__(self, batches, n): self.batches, self.n = batches, n
+def test_resume_with_another_lr_follows_it_and_says_so(tmp_path):
+    tiny_trainer(steps=4, lr=1e-3, out_dir=str(tmp_path)).fit(global_batches(steps=4), until=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        history = tiny_trainer(steps=4, lr=2e-3, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=4))
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and 'the learning rate changed from 0.001 to 0.002' in said[0], said
+    assert history['lr'][2:] == pytest.approx([2e-3 * T.warmup_cosine(s, 1, 4) for s in (2, 3)], abs=1e-15)
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert checkpoint['scheduler']['base_lrs'] == [2e-3, 2e-3] and checkpoint['train_config']['lr'] == 2e-3
+    trainer = tiny_trainer(steps=4, lr=2e-3, weight_decay=0.1, eps=1e-6, out_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match=r'eps changed from 1e-08 to 1e-06; the weight decay changed from 0.5 to 0.1'):
+        trainer.resume('latest')
+    no_decay, decay = trainer.optimizer.param_groups
+    assert (no_decay['weight_decay'], decay['weight_decay'], decay['eps'], no_decay['eps']) == (0.0, 0.1, 1e-6, 1e-6)
+
+
+def test_resume_with_another_batch_size_or_k_is_refused(tmp_path):
+    loader = lambda batch_size, k: DataLoader(Captioned(n=16, k=k), batch_size=batch_size, shuffle=True, drop_last=True)
+    tiny_trainer(steps=4, out_dir=str(tmp_path)).fit(loader(4, 2), until=2)
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    assert torch.load(latest, weights_only=True)['batch_shape'] == (4, 2)
+    for batch_size, k in ((2, 2), (4, 3)):
+        with pytest.raises(ValueError) as e:
+            tiny_trainer(steps=4, out_dir=str(tmp_path), resume='latest').fit(loader(batch_size, k))
+        assert str(e.value) == (f"this run was trained with batch size 4 and K 2; resuming with {batch_size} and {k} "
+                                "would re-read a different part of the data: keep --batch-size 4 and "
+                                "--num-captions 2, or start a new run")
+    assert torch.load(latest, weights_only=True)['step'] == 2                   # left as it was
+    assert tiny_trainer(steps=4, out_dir=str(tmp_path), resume='latest').fit(loader(4, 2))['step'] == [1, 2, 3, 4]
+
+
+def test_resume_from_weights_only_says_to_use_pretrained(tmp_path, flair_tiny):
+    weights, released = tmp_path / 'weights.pt', tmp_path / 'released.pt'
+    torch.save(flair_tiny['state_dict'], weights)
+    torch.save({'epoch': 32, 'name': 'tiny', 'state_dict': flair_tiny['state_dict'], 'optimizer': {}}, released)
+    for path, what in ((weights, 'holds weights only (no optimizer state)'),
+                       (released, "holds no flair_min training state (no 'scheduler', 'step', 'batch', 'history')")):
+        with pytest.raises(ValueError) as e:
+            tiny_trainer(resume=str(path)).fit(global_batches(steps=1))
+        assert str(e.value) == (f"{path} {what}: resume continues a flair_min training run; "
+                                f"to start from these weights use --pretrained {path}")
+
+
+def test_resume_into_another_model_is_refused(tmp_path):
+    "Same tensor shapes, other heads: the checkpoint's stored config says the model differs."
+    tiny_trainer(steps=2, out_dir=str(tmp_path)).fit(global_batches(steps=2), until=1)
+    other = T.Trainer(FLAIR(dataclasses.replace(FlairConfig.tiny(), vision_heads=4)),
+                      T.TrainConfig(steps=2, warmup=1, lr=1e-3, progress=False, out_dir=str(tmp_path), resume='latest'))
+    with pytest.raises(ValueError, match=r"model differs from this one in \['vision_heads'\]"):
+        other.fit(global_batches(steps=2))
+
+
+def test_resume_refuses_nonfinite_weights(tmp_path):
+    tiny_trainer(steps=2, out_dir=str(tmp_path)).fit(global_batches(steps=2), until=1)
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    checkpoint = torch.load(latest, weights_only=True)
+    checkpoint['state_dict']['module.logit_scale'].fill_(float('nan'))
+    torch.save(checkpoint, latest)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(latest))} holds NaN or infinite values .*logit_scale"):
+        tiny_trainer(steps=2, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=2))
+
+
+def test_run_summary_writes_valid_json_inside_the_run_folder(tmp_path):
+    history = tiny_trainer(steps=2).fit(global_batches(steps=2))
+    history['eval'].append({'step': 2, 'recall@1': float('nan')})              # an evaluation that went wrong
+    run, precious = tmp_path / 'run', tmp_path / 'precious.txt'
+    run.mkdir()
+    precious.write_text('keep me')
+    (run / 'history.json').symlink_to(precious)                                 # planted links
+    (run / 'loss_curve.png').symlink_to(precious)
+    T.write_run_summary(run, history)
+    assert precious.read_text() == 'keep me'
+    assert sorted(p.name for p in run.iterdir()) == ['history.json', 'loss_curve.png']
+    assert not any(p.is_symlink() for p in run.iterdir())
+    saved = json.loads((run / 'history.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in JSON'))
+    assert saved['loss'] == history['loss'] and saved['eval'] == [{'step': 2, 'recall@1': None}]
+    (run / 'loss_curve.png').chmod(0o444)                                        # read-only: replaced, not written
+    T.write_run_summary(run, history)
+
+
+def test_a_summary_that_cannot_be_written_says_the_checkpoint_was_saved(tmp_path):
+    history = tiny_trainer(steps=1, out_dir=str(tmp_path)).fit(global_batches(steps=1))
+    (tmp_path / 'loss_curve.png').mkdir()          # a folder where the plot goes: not even root can write the file
+    with pytest.raises(OSError) as e:
+        T.write_run_summary(tmp_path, history)
+    message = str(e.value)
+    assert '\n' not in message and message.startswith(f"could not write {tmp_path / 'loss_curve.png'} (")
+    assert message.endswith(f"the checkpoint was saved: {tmp_path / 'checkpoints' / 'latest.pt'}")
+
+
+class RaisesAt:
+    "The batches, with `error` raised in place of batch n (KeyboardInterrupt: a Ctrl-C while the loader fetches data)."
+    def __init__(self, batches, n, error=KeyboardInterrupt): self.batches, self.n, self.error = batches, n, error
     def __iter__(self):
         for i, batch in enumerate(self.batches):
-            if i == self.n: raise KeyboardInterrupt
+            if i == self.n: raise self.error
             yield batch
 
 
@@ -279,58 +378,189 @@ def test_ctrl_c_in_the_loader_saves_and_resume_goes_on(tmp_path, capsys, accum_s
     batches = micro_batches(global_batches(steps=4), accum_steps)
     straight = tiny_trainer(accum_steps=accum_steps).fit(batches)
     trainer = tiny_trainer(accum_steps=accum_steps, out_dir=str(tmp_path))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit(CtrlCAfter(batches, n))
+    with pytest.raises(T.Interrupted) as e:
+        trainer.fit(RaisesAt(batches, n))
     latest = tmp_path / 'checkpoints' / 'latest.pt'
     checkpoint = torch.load(latest, weights_only=True)
     assert (checkpoint['step'], checkpoint['batch'], len(checkpoint['history']['loss'])) == (step, batch, step)
-    assert f"interrupted after step {step}: saved {latest}; continue with resume='latest'" in capsys.readouterr().out
+    said = f"interrupted by SIGINT after step {step}: saved {latest}; continue with resume='latest'"
+    assert e.value.signum == signal.SIGINT and said in str(e.value) and said in capsys.readouterr().out
     resumed = tiny_trainer(accum_steps=accum_steps, out_dir=str(tmp_path), resume='latest', init_seed=7).fit(batches)
     assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
 
 
 def test_ctrl_c_without_out_dir_says_nothing_was_saved(capsys):
-    with pytest.raises(KeyboardInterrupt):
-        tiny_trainer().fit(CtrlCAfter(global_batches(steps=4), 1))
-    assert 'interrupted after step 1: nothing saved (no out_dir)' in capsys.readouterr().out
+    with pytest.raises(T.Interrupted):
+        tiny_trainer().fit(RaisesAt(global_batches(steps=4), 1))
+    assert 'interrupted by SIGINT after step 1: nothing saved (no out_dir)' in capsys.readouterr().out
 
 
-def sigint_during_step(at_call: int, times: int):
-    "A FLAIR loss that sends this process `times` SIGINTs (Ctrl-C) during its `at_call`-th call."
+def signals_during_step(at_call: int, *signums):
+    "A FLAIR loss that sends this process the signals `signums` (SIGINT: Ctrl-C) during its `at_call`-th call."
     flair, calls = make_loss('flair', 2), []
     def loss(generator=None, **out):
         calls.append(1)
-        for _ in range(times if len(calls) == at_call else 0):
-            os.kill(os.getpid(), signal.SIGINT)
+        for signum in (signums if len(calls) == at_call else ()):
+            os.kill(os.getpid(), signum)
             time.sleep(0.01)   # the handler runs here
         return flair(**out, generator=generator)
     return loss
 
 
 @pytest.fixture
-def default_sigint():
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT has a handler of someone else's here")
+def default_signals():
+    "SIGINT and SIGTERM with Python's default handlers, and given back so by the trainer."
+    if (signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        pytest.skip("SIGINT or SIGTERM has a handler of someone else's here")
     yield
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the trainer gave it back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_ctrl_c_during_a_step_finishes_the_step_then_saves(tmp_path, capsys, default_sigint):
-    trainer = tiny_trainer(out_dir=str(tmp_path), loss=sigint_during_step(at_call=2, times=1))
-    with pytest.raises(KeyboardInterrupt):
+@pytest.mark.parametrize('signum, name', [(signal.SIGINT, 'Ctrl-C'), (signal.SIGTERM, 'SIGTERM')])
+def test_a_stop_signal_during_a_step_finishes_the_step_then_saves(tmp_path, capsys, default_signals, signum, name):
+    trainer = tiny_trainer(out_dir=str(tmp_path), loss=signals_during_step(2, signum))
+    with pytest.raises(T.Interrupted) as e:
         trainer.fit(global_batches(steps=4))
+    assert e.value.signum == signum
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['step'] == 2 and len(checkpoint['history']['loss']) == 2 and checkpoint['batch'] == 2
     out = capsys.readouterr().out
-    assert 'Ctrl-C: finishing this step' in out and 'interrupted after step 2: saved' in out
+    assert f'{name}: finishing this step' in out and f'interrupted by {signum.name} after step 2: saved' in out
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, capsys, default_sigint):
-    trainer = tiny_trainer(out_dir=str(tmp_path), loss=sigint_during_step(at_call=2, times=2))
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, capsys, default_signals):
+    trainer = tiny_trainer(out_dir=str(tmp_path), loss=signals_during_step(2, signal.SIGINT, signal.SIGINT))
     with pytest.raises(T.UnsavedInterrupt):
         trainer.fit(global_batches(steps=4))
     assert not (tmp_path / 'checkpoints' / 'latest.pt').exists()
     assert 'stopped in the middle of a step: nothing saved' in capsys.readouterr().out
+
+
+SIGTERM_RUN = """
+import sys, torch
+from flair_min.model import FLAIR, FlairConfig
+from flair_min import train as T
+torch.set_num_threads(1)
+
+def endless():
+    "The batches of ddp_train_worker.global_batches(), without end; each one announced on stdout."
+    g = torch.Generator().manual_seed(0)
+    for i in range(10 ** 6):
+        batch = torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 1000, (4, 2, 16), generator=g)
+        print('batch', i, flush=True)
+        yield batch
+
+class Endless:
+    def __iter__(self): return endless()
+
+torch.manual_seed(0)
+config = T.TrainConfig(steps=10 ** 6, warmup=1, lr=1e-3, progress=False, out_dir=sys.argv[1])
+try: T.Trainer(FLAIR(FlairConfig.tiny()), config).fit(Endless())
+except T.Interrupted as e: print('stopped by', e.signum.name, flush=True)
+"""
+
+
+def test_sigterm_saves_and_resume_goes_on(tmp_path):
+    "A real process, sent SIGTERM (as timeout, docker stop, Slurm do) once it has taken 3 steps."
+    script = tmp_path / 'run.py'
+    script.write_text(SIGTERM_RUN)
+    run = subprocess.Popen([sys.executable, str(script), str(tmp_path / 'run')], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        for line in run.stdout:                     # ends if the process dies
+            said.append(line)
+            if line.strip() == 'batch 3': break     # steps 1-3 are done: it draws step 4's batch
+        run.send_signal(signal.SIGTERM)
+        rest, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None: run.kill(); run.wait()
+    output = ''.join(said) + rest
+    assert run.returncode == 0 and 'stopped by SIGTERM' in output, output[-2000:]
+    latest = tmp_path / 'run' / 'checkpoints' / 'latest.pt'
+    step = torch.load(latest, weights_only=True)['step']
+    assert step >= 3 and f'interrupted by SIGTERM after step {step}: saved {latest}' in output
+    batches = global_batches(steps=step + 2)
+    straight = tiny_trainer(steps=10 ** 6).fit(batches, until=step + 2)
+    resumed = tiny_trainer(steps=10 ** 6, out_dir=str(tmp_path / 'run'), resume='latest').fit(batches, until=step + 2)
+    assert resumed['step'] == list(range(1, step + 3))
+    assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-5)
+
+
+def test_an_error_in_the_middle_of_a_run_saves_the_last_finished_step(tmp_path, capsys):
+    batches = global_batches(steps=4)
+    straight = tiny_trainer().fit(batches)
+    with pytest.raises(OSError, match='connection reset by peer'):
+        tiny_trainer(out_dir=str(tmp_path)).fit(RaisesAt(batches, 2, OSError('connection reset by peer')))
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    assert torch.load(latest, weights_only=True)['step'] == 2
+    assert f"OSError after step 2: saved {latest}; continue with resume='latest'" in capsys.readouterr().err
+    resumed = tiny_trainer(out_dir=str(tmp_path), resume='latest', init_seed=7).fit(batches)
+    assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
+    bad_tokens = [(images, texts + 1000) for images, texts in batches]     # beyond the tiny vocabulary
+    with pytest.raises(ValueError, match='vocab_size'):
+        tiny_trainer(out_dir=str(tmp_path / 'fresh')).fit(bad_tokens)
+    assert not (tmp_path / 'fresh' / 'checkpoints' / 'latest.pt').exists()   # no step done: nothing to save
+
+
+def nan_loss_from(call: int):
+    "The FLAIR loss, NaN from its `call`-th call on (a run that diverges there)."
+    flair, calls = make_loss('flair', 2), []
+    def loss(generator=None, **out):
+        calls.append(1)
+        value = flair(**out, generator=generator)
+        return value * float('nan') if len(calls) >= call else value
+    return loss
+
+
+def test_a_nan_loss_stops_the_run_before_its_update(tmp_path):
+    trainer = tiny_trainer(steps=6, out_dir=str(tmp_path), save_every=1, loss=nan_loss_from(3))
+    with pytest.raises(T.TrainingDiverged) as e:
+        trainer.fit(global_batches(steps=6))
+    latest = tmp_path / 'checkpoints' / 'latest.pt'
+    message = str(e.value)
+    assert '\n' not in message and message.startswith('loss became nan at step 3 (lr ')
+    assert f'the last good checkpoint is {latest} (step 2)' in message and '--lr' in message
+    checkpoint = torch.load(latest, weights_only=True)
+    assert checkpoint['step'] == trainer.step == 2
+    for name, value in trainer.model.state_dict().items():       # step 3's update was not applied
+        assert torch.equal(checkpoint['state_dict']['module.' + name], value), name
+    assert trainer.history['loss'] == checkpoint['history']['loss'] and len(trainer.history['loss']) == 2
+
+
+def test_lr_1e9_diverges_with_one_line_and_leaves_finite_files(tmp_path):
+    trainer = tiny_trainer(steps=6, lr=1e9, out_dir=str(tmp_path), save_every=1)
+    with pytest.raises(T.TrainingDiverged, match=r'^loss became (nan|inf) at step (\d+) \(lr 1e\+09\): training '
+                                                 r'diverged; the last good checkpoint is .*latest.pt \(step \d+\)'):
+        trainer.fit(global_batches(steps=6))
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values())
+    assert all(math.isfinite(v) for v in checkpoint['history']['loss'])
+    T.write_run_summary(tmp_path, trainer.history)
+    json.loads((tmp_path / 'history.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in history.json'))
+    with pytest.raises(T.TrainingDiverged, match=r'at step 2 .*: training diverged; no checkpoint was saved'):
+        tiny_trainer(steps=6, lr=1e9, out_dir=str(tmp_path / 'unsaved')).fit(global_batches(steps=6))
+    assert not (tmp_path / 'unsaved' / 'checkpoints' / 'latest.pt').exists()
+
+
+def nan_gradient_at(call: int):
+    "The FLAIR loss, whose `call`-th call keeps its value but gives logit_bias a NaN gradient (0 · d√x at x = 0)."
+    flair, calls = make_loss('flair', 2), []
+    def loss(generator=None, **out):
+        calls.append(1)
+        value = flair(**out, generator=generator)
+        return value + 0 * torch.sqrt(out['logit_bias'] * 0) if len(calls) == call else value
+    return loss
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    trainer = tiny_trainer(steps=6, out_dir=str(tmp_path), save_every=1, loss=nan_gradient_at(3))
+    with pytest.raises(T.TrainingDiverged, match=r'the weights became non-finite \(logit_bias\) in step 3'):
+        trainer.fit(global_batches(steps=6))
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert checkpoint['step'] == 2 and all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values())
 
 
 def test_out_dir_that_is_a_file_fails_when_the_trainer_is_built(tmp_path):
