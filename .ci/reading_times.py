@@ -4,7 +4,7 @@
     python .ci/reading_times.py --check   # exit 1 if the index quotes other figures
 
 An estimate, not a measurement: 200 words of prose and 15 lines of code a minute (directive lines `#| ...` and blank
-lines not counted), rounded to 5 minutes, at least 5. For `13_demo` the lesson (the cells before "The rest of this
+lines not counted), rounded to 5 minutes, at least 5. For `15_demo` the lesson (the cells before "The rest of this
 notebook builds") is counted apart from the whole notebook, since the course path reads the lesson.
 """
 import json, re, sys
@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 LESSON_END = 'The rest of this notebook builds'
-METHOD = ('00_tokenizer', '01_captions', '02_model', '04_losses', '09_retrieval', '11_localization', '12_pretrained',
-          '13_demo')
+METHOD = ('00_tokenizer', '01_captions', '02_model', '04_losses', '10_retrieval', '12_localization', '13_pretrained',
+          '15_demo')
 
 
 def minutes(name: str, upto: str | None = None) -> int:
@@ -29,8 +29,8 @@ def minutes(name: str, upto: str | None = None) -> int:
 
 
 def course_minutes(name: str) -> int:
-    "What the course path counts for `name`: 13_demo's lesson, every other notebook whole."
-    return minutes(name, LESSON_END if name == '13_demo' else None)
+    "What the course path counts for `name`: 15_demo's lesson, every other notebook whole."
+    return minutes(name, LESSON_END if name == '15_demo' else None)
 
 
 def hours(m: int) -> str:
@@ -41,7 +41,7 @@ def estimates() -> dict:
     "{notebook: quoted reading time}, plus the totals of the method and the engineering notebooks."
     numbered = sorted(p.stem for p in NBS.glob('[0-9][0-9]_*.ipynb'))
     quoted = {n: f'{minutes(n)} min' for n in numbered}
-    quoted['13_demo'] = f"{course_minutes('13_demo')} min (the lesson); {minutes('13_demo')} min in all"
+    quoted['15_demo'] = f"{course_minutes('15_demo')} min (the lesson); {minutes('15_demo')} min in all"
     quoted['method, in all'] = hours(sum(course_minutes(n) for n in METHOD))
     quoted['engineering, in all'] = hours(sum(minutes(n) for n in numbered if n not in METHOD))
     return quoted

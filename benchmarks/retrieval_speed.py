@@ -16,7 +16,7 @@ memory above what the inputs occupy (Linux: the resident high-water mark, reset 
 variant, scoring all images at once).
 
 Writes OUT.json (the data, with the command, machine, torch version, threads and date) and OUT.md (the table that
-09_retrieval §5 shows); OUT defaults to results/retrieval_speed.
+10_retrieval §5 shows); OUT defaults to results/retrieval_speed.
 """
 import argparse, ctypes, sys, time
 from pathlib import Path

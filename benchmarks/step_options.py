@@ -1,11 +1,11 @@
-"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (08_train §12).
+"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (09_train §12).
 
     python benchmarks/step_options.py [--steps 10] [--option-steps 5] [--overhead-steps 5] [--out results/step_options]
 
 Three measurements, all single-threaded (`--threads 1`) and with the tiny towers of `FlairConfig.tiny()`:
 
 * flair_min's step against a straightforward one, on the same batch and the same starting weights: the tiny model
-  with the CLIP vocabulary, B = 32 toy-world images (07_toyworld) with K = 8 sampled sub-captions each. The
+  with the CLIP vocabulary, B = 32 toy-world images (08_toyworld) with K = 8 sampled sub-captions each. The
   straightforward step builds the labels of both losses and picks the negatives in Python loops, as the official
   code does, and tokenizes the sub-caption strings inside the step; flair_min's gets token ids from its loader and
   builds indices and labels as tensor expressions (04_losses). Samples per second (the median step, the two steps

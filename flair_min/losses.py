@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['DISTRIBUTED_LOSSES', 'LOSSES', 'draw_negative_offsets', 'other_image_indices', 'downsample_caption_indices',
            'pair_labels', 'text_conditioned_logits', 'text_conditioned_sigmoid_loss', 'multi_positive_sigmoid_loss',
-           'downsampled_tcs_loss', 'AllGather', 'all_gather_with_grad', 'gather_text_features', 'in_process_group',
-           'distributed_texts', 'flair_loss_of_rank', 'FlairLoss', 'flair_loss', 'negatives_only_loss',
-           'ring_source_ranks', 'downsampled_texts', 'ring_flair_losses', 'NeighbourExchange', 'ring_exchange',
-           'ring_flair_loss_of_rank', 'MultiPositiveLoss', 'make_loss']
+           'downsampled_tcs_loss', 'AllGather', 'all_gather_with_grad', 'gather_text_features', 'rank_and_world',
+           'in_process_group', 'distributed_texts', 'flair_loss_of_rank', 'FlairLoss', 'flair_loss',
+           'negatives_only_loss', 'ring_source_ranks', 'downsampled_texts', 'ring_flair_losses', 'NeighbourExchange',
+           'ring_exchange', 'ring_flair_loss_of_rank', 'MultiPositiveLoss', 'make_loss']
 
 # %% ../nbs/04_losses.ipynb #d72b8079
 import numbers
@@ -120,9 +120,13 @@ def gather_text_features(text_features: torch.Tensor):
     "Every rank's texts in rank order (W·N, D), differentiably; with this rank's index and the world size W."
     return all_gather_with_grad(text_features), dist.get_rank(), dist.get_world_size()  # (W·N, D)
 
+def rank_and_world() -> tuple[int, int]:
+    "(rank, world size) of this process in the running torch.distributed process group; (0, 1) without one."
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
 def in_process_group() -> bool:
     "Whether a torch.distributed process group of more than one process is running."
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return rank_and_world()[1] > 1
 
 def distributed_texts(text_features: torch.Tensor, distributed: bool | None = None):
     "(texts, rank, world): every rank's texts (all-gathered) in a process group or when `distributed`, else this one's."

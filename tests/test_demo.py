@@ -1,4 +1,4 @@
-"""The main job, `flair-min demo` (nbs/13_demo): an end-to-end run of a small configuration through the
+"""The main job, `flair-min demo` (nbs/15_demo): an end-to-end run of a small configuration through the
 command-line arguments, and property tests of its evaluation pieces against naive versions."""
 import argparse, json
 

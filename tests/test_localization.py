@@ -1,4 +1,4 @@
-"""Localization (11_localization): the three maps against the official formulas (flair_maps.pt), their shapes and
+"""Localization (12_localization): the three maps against the official formulas (flair_maps.pt), their shapes and
 ranges on a model with the CLIP vocabulary, mIoU on hand-made masks, the VOC reader on a folder in the real layout,
 and the explorer's update without a browser."""
 import math

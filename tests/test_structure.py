@@ -1,5 +1,5 @@
 """The shape of the library: modules in teaching order (every import points to an earlier notebook), one job per
-module, a small front door, and old names that say where they went."""
+module, and a small, plain front door."""
 import ast, re, subprocess, sys
 
 import pytest
@@ -102,33 +102,13 @@ def test_list_models_and_pretrained():
     assert {(r.repo, r.model) for r in released} == {('xiaorui638/flair', 'ViT-B-16-FLAIR')}
 
 
-@pytest.mark.parametrize('old, new', [('flair_min.experiment', 'flair_min.demo'),
-                                      ('flair_min.colab', 'flair_min.small_scale'),
-                                      ('flair_min.benchmarks', 'flair_min.eval_sets')])
-def test_old_modules_name_their_new_place(old, new):
-    with pytest.raises(ModuleNotFoundError, match=f'is now {new}'):
-        __import__(old)
-
-
-@pytest.mark.parametrize('statement, new', [
-    ('from flair_min.model import load_state_dict_strict', 'flair_min.checkpoint.load_state_dict_strict'),
-    ('from flair_min.train import run_train', 'flair_min.cli.run_train'),
-    ('from flair_min.train import model_config', 'flair_min.model.FlairConfig.resolve'),
-    ('from flair_min.train import MultiPositiveLoss', 'flair_min.losses.MultiPositiveLoss'),
-    ('from flair_min.data import prepare_cc3m_recap', 'flair_min.cc3m.prepare_cc3m_recap'),
-    ('from flair_min.pretrained import read_checkpoint', 'flair_min.checkpoint.read_checkpoint'),
-    ('import flair_min.toyworld; flair_min.toyworld.write_fixtures', 'tests/fixtures.py')])
-def test_moved_names_name_their_new_place(statement, new):
-    with pytest.raises(ImportError, match=re.escape(new)):
-        exec(statement, {})
-
-
-def test_names_that_stayed_reachable_still_work():
-    from flair_min.train import save_checkpoint   # imported there from flair_min.checkpoint
-    from flair_min.checkpoint import save_checkpoint as same
-    assert save_checkpoint is same
-    import flair_min.model
-    assert not hasattr(flair_min.model, 'no_such_name')
+def test_the_front_door_is_plain_imports():
+    "`import flair_min` leaves the import system alone: no finder on sys.meta_path, no module-level __getattr__."
+    code = ("import sys; before = list(sys.meta_path); import flair_min, flair_min.train, flair_min.data; "
+            "assert sys.meta_path == before, sys.meta_path; "
+            "assert not any(hasattr(sys.modules[m], '__getattr__') for m in sys.modules if m.startswith('flair_min'))")
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
+    assert len((LIB / '__init__.py').read_text().splitlines()) <= 25
 
 
 def test_minimal_example_imports_in_a_fresh_interpreter():

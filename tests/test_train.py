@@ -1,4 +1,4 @@
-"""Properties of the training loop (nbs/08_train.ipynb) beyond the notebook's own checks: exact accumulation
+"""Properties of the training loop (nbs/09_train.ipynb) beyond the notebook's own checks: exact accumulation
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
 processes against one, and the `flair-min train` entry point on toy-world shards; and bad input: knobs out of
