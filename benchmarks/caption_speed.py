@@ -1,4 +1,4 @@
-"""Sub-captions as token ids (01_captions §6): the string path against the token path, per image.
+"""The text side of one training image (01_captions §6): sampling K sub-captions, then tokenizing them.
 
     python benchmarks/caption_speed.py [--images 200] [--k 8] [--rounds 5] [--out results/caption_speed]
 
@@ -6,11 +6,10 @@ Pools: each image's sentence pool is the sentences of three long captions of the
 (data/annotations/urban1k_annotations_excerpt.json, real long descriptions, `split_caption`), about as many as a
 DreamLIP record holds, each sentence tagged with the image's number so no two images share a sentence (as in a
 real dataset, where the tokenizer's text cache rarely sees a sentence twice). Per image, K sub-captions with
-`max_merged` 3, in three ways timed in the same run:
+`max_merged` 3, in two steps timed in the same run:
 
-* string path (the baseline): `sample_subcaptions` and then the tokenizer on the K joined strings;
-* token path: `sample_subcaption_tokens` on the image's `TokenizedPool`;
-* tokenizing the pool once: `tokenize_pool`, which the token path needs before its first draw.
+* sampling: `sample_subcaptions` on the image's pool (K joined strings);
+* tokenizing: the tokenizer on those K strings (a (K, 77) tensor of token ids).
 
 A warm-up round fills the tokenizer's per-word cache, then `--rounds` rounds, each on fresh pools (new image
 numbers); a figure is the median over the rounds. Writes OUT.json and OUT.md.
@@ -20,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from flair_min.captions import sample_subcaption_tokens, sample_subcaptions, split_caption, tokenize_pool
+from flair_min.captions import sample_subcaptions, split_caption
 from flair_min.tokenizer import SimpleTokenizer
 from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ROOT / 'data' / 'annotations' / 'urban1k_annotations_excerpt.json'
-LABELS = {'string path': 'string path: sample strings, then tokenize them (baseline)',
-          'token path': 'token path: `sample_subcaption_tokens` on a `TokenizedPool`',
-          'tokenize pool once': 'tokenizing the pool once: `tokenize_pool`'}
+LABELS = {'sample': 'sample K sub-captions: `sample_subcaptions`',
+          'tokenize': 'tokenize them: `SimpleTokenizer` on the K strings',
+          'both': 'both: the text side of one image'}
 
 
 def make_pools(images: int, first: int) -> list[list[str]]:
@@ -43,14 +42,12 @@ def seconds(fn) -> float:
 
 
 def one_round(pools, tok: SimpleTokenizer, k: int, max_merged: int) -> dict:
-    "Seconds per image of the three ways, on these pools."
-    n, out = len(pools), {}
-    out['string path'] = seconds(lambda: [tok(sample_subcaptions(p, k, max_merged, rng=j))
-                                          for j, p in enumerate(pools)]) / n
-    tpools = []
-    out['tokenize pool once'] = seconds(lambda: tpools.extend(tokenize_pool(p, tok) for p in pools)) / n
-    out['token path'] = seconds(lambda: [sample_subcaption_tokens(tp, k, max_merged, rng=j, tokenizer=tok)
-                                         for j, tp in enumerate(tpools)]) / n
+    "Seconds per image of each step, on these pools."
+    n, drawn = len(pools), []
+    out = {'sample': seconds(lambda: drawn.extend(sample_subcaptions(p, k, max_merged, rng=j)
+                                                  for j, p in enumerate(pools))) / n}
+    out['tokenize'] = seconds(lambda: [tok(texts) for texts in drawn]) / n
+    out['both'] = out['sample'] + out['tokenize']
     return out
 
 
@@ -75,19 +72,18 @@ def main(argv=None):
     result = dict(**run_facts('caption_speed.py', argv), images=args.images, k=args.k,
                   max_merged=args.max_merged, rounds=args.rounds,
                   sentences_per_pool_mean=sum(map(len, pools)) / len(pools),
-                  seconds_per_image=per_image,
-                  relative_to_string_path={w: per_image[w] / per_image['string path'] for w in LABELS},
+                  seconds_per_image=per_image, share_of_both={w: per_image[w] / per_image['both'] for w in LABELS},
                   per_round=rounds)
-    rows = '\n'.join(f'| {LABELS[w]} | {1e6 * per_image[w]:,.0f} | {result["relative_to_string_path"][w]:.2f}× |'
+    rows = '\n'.join(f'| {LABELS[w]} | {1e6 * per_image[w]:,.0f} | {100 * result["share_of_both"][w]:.0f} % |'
                      for w in LABELS)
-    write_results(args.out, result, 'Sub-captions as token ids: time per image', f"""
-| way | µs per image | time relative to the string path |
+    write_results(args.out, result, 'Sub-captions of one image: time per image', f"""
+| step | µs per image | share |
 |---|---|---|
 {rows}
 
 {args.images} images per round, $K = {args.k}$ sub-captions each from pools of \
 {result['sentences_per_pool_mean']:.1f} sentences on average (three Urban-1k captions per image), median of \
-{args.rounds} round{'s' if args.rounds > 1 else ''}, all three timed in the same run.""")
+{args.rounds} round{'s' if args.rounds > 1 else ''}, both steps timed in the same run.""")
 
 
 if __name__ == '__main__':

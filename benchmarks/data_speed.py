@@ -18,8 +18,8 @@ from PIL import Image
 
 from flair_min.captions import DREAMLIP_FIELDS, sample_subcaptions
 from flair_min.cc3m import DREAMLIP_URL_COLUMN, read_dreamlip_captions
-from flair_min.data import (expand_urls, make_pipeline, make_train_loader, raw_image, raw_record, seeded,
-                            sentence_pool, tar_samples, write_shard)
+from flair_min.data import make_pipeline, make_train_loader, raw_image, raw_record, seeded, sentence_pool
+from flair_min.shards import expand_urls, tar_samples, write_shard
 from flair_min.model import image_transform
 from flair_min.tokenizer import SimpleTokenizer
 from results_file import run_facts, write_results

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = [('localization', 'pointing_game', "pointing game, the model's map"),
             ('localization', 'pointing_game_attention', 'pointing game, attention'),
             ('localization', 'pointing_game_patch_cosine', 'pointing game, patch cosine'),
-            ('segmentation', 'colour_best', 'segmentation mIoU, colours (best map)'),
-            ('segmentation', 'shape_best', 'segmentation mIoU, shapes (best map)'),
+            ('segmentation', 'colour_best', 'segmentation mIoU, colours (best map, chosen on this split)'),
+            ('segmentation', 'shape_best', 'segmentation mIoU, shapes (best map, chosen on this split)'),
             ('fine_grained', 'text_to_image_R@1', 'fine-grained T→I R@1'),
             ('fine_grained', 'text_to_image_R@5', 'fine-grained T→I R@5'),
             ('long_caption', 'text_to_image_R@1', 'long caption T→I R@1')]

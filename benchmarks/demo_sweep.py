@@ -51,7 +51,7 @@ SWEEPS = {'settings': [(n, {'init_logit_bias': -5.0, **o}) for n, o in SETTINGS]
 def light_evaluation(split, images, mode: str):
     """The training hook of long variants: fine-grained R@1/R@5 and the attribute swaps of a CPU copy of the model,
     scored `mode`."""
-    from flair_min.demo import attribute_swap_accuracy, retrieval_results
+    from flair_min.toy_eval import attribute_swap_accuracy, retrieval_results
     def evaluate(model):
         m = copy.deepcopy(model).float().cpu().eval()
         fine = retrieval_results(m, images, split, mode)['fine_grained']
@@ -64,6 +64,7 @@ def light_evaluation(split, images, mode: str):
 def run_variant(name: str, overrides: dict, args) -> dict:
     import numpy as np, torch
     import flair_min.demo as E
+    from flair_min.toy_eval import eval_images, evaluate_toy_model, margins
     from flair_min.model import FLAIR
     from flair_min.toyworld import ToyWorldConfig, load_eval_split
     from flair_min.train import TrainConfig, train
@@ -72,7 +73,7 @@ def run_variant(name: str, overrides: dict, args) -> dict:
                                                         binding_twins=c.train_twins), **world)
     c = E.demo_config(out=str(Path(args.out) / name), progress=False, plots=False, workers=args.workers, **overrides)
     shards, split_path = E.prepare_toy_data(c, Path(args.out) / 'data' / name)
-    split = load_eval_split(split_path); images = E.eval_images(split)
+    split = load_eval_split(split_path); images = eval_images(split)
     loader, result = E.make_demo_loader(shards, c), {'name': name, 'overrides': {**overrides, 'world': world}}
     for model_name, loss, mode in (('flair', 'flair', 'flair'), ('baseline', 'mps', 'global')):
         torch.manual_seed(c.seed); model, tic = FLAIR(E.demo_model_config(c)), time.perf_counter()
@@ -84,8 +85,8 @@ def run_variant(name: str, overrides: dict, args) -> dict:
         result[f'{model_name}_train_s'] = time.perf_counter() - tic
         result[f'{model_name}_final_loss'] = float(np.mean(history['loss'][-20:]))
         result[f'{model_name}_curve'] = history.get('eval', [])
-        result[model_name] = E.evaluate_demo_model(model.float().cpu().eval(), images, split, mode)
-    result['margins'] = E.margins(result)
+        result[model_name] = evaluate_toy_model(model.float().cpu().eval(), images, split, mode)
+    result['margins'] = margins(result)
     return result
 
 

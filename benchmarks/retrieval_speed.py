@@ -5,7 +5,7 @@
 
 Scores `images` × `texts` pairs at ViT-B/16 sizes (D = 512, L = 196 patch tokens) with a pooling
 layer of random weights, on precomputed embeddings, in FLAIR mode and in top-k mode, with the
-per-image loop (`flair_min.retrieval.per_image_scores`, what the official evaluation does) and
+per-image loop (`per_image_scores` below, what the official evaluation does; 10_retrieval §1) and
 with the chunked path (`score_embeddings`, the texts' queries prepared once beforehand, as
 `retrieval_scores` does for a whole evaluation), all in the same run. The images are timed in blocks of
 `block`, every variant on the same block in turn, `repeats` rounds, and a variant's time is the sum
@@ -22,13 +22,31 @@ import argparse, ctypes, sys, time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from flair_min.model import TextConditionedPooling
-from flair_min.retrieval import DEFAULT_CHUNK_SIZE, per_image_scores, pooling_weights, prepare_texts, score_embeddings
+from flair_min.retrieval import DEFAULT_CHUNK_SIZE, OUTSIDE_TOPK, pooling_weights, prepare_texts, score_embeddings
 from results_file import run_facts, write_results
 
 D, L, HEADS = 512, 196, 8
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def per_image_scores(text_emb, global_emb, local, visual_proj, scale, mode: str = 'flair', topk: int = 128):
+    "The official loop: image by image, the full pooling layer on all texts (or the image's top-k) → (B, N) scores."
+    unit = F.normalize(text_emb.float(), dim=-1)                              # (N, D)
+    rows = []
+    for i in range(local.shape[0]):
+        idx, queries = slice(None), text_emb                                  # all texts
+        if mode == 'topk':
+            idx = (F.normalize(global_emb[i].float(), dim=-1) @ unit.T).topk(min(topk, len(unit))).indices  # (k,)
+            queries = text_emb[idx]                                           # (k, D)
+        pooled = visual_proj(queries[None], local[i:i + 1], local[i:i + 1])[0].float()  # (N or k, D)
+        row = torch.full((len(unit),), OUTSIDE_TOPK, device=unit.device)
+        row[idx] = scale * (F.normalize(pooled, dim=-1) * unit[idx]).sum(-1)
+        rows.append(row)
+    return torch.stack(rows)                                                  # (B, N)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

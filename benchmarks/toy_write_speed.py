@@ -3,7 +3,7 @@
     python benchmarks/toy_write_speed.py [--scenes 500] [--samples 20000] [--workers 2] [--out results/toy_write_speed]
 
 Times the two halves of making a sample on `--scenes` scenes in this process, generating (`make_scene`: sampling,
-drawing, sentences, masks) and JPEG encoding (`encode_image`), in CPU time; then writes `--samples` samples as shards of
+drawing, sentences, masks) and JPEG encoding (`image_bytes`), in CPU time; then writes `--samples` samples as shards of
 `--samples-per-shard` with `--workers` processes (`write_shards`) into a temporary folder, reading both the wall time
 and the CPU time of all processes (the wall time depends on what else the machine runs; the CPU time much less).
 Writes OUT.json and OUT.md.
@@ -11,7 +11,7 @@ Writes OUT.json and OUT.md.
 import argparse, resource, tempfile, time
 from pathlib import Path
 
-from flair_min.toyworld import encode_image, make_scene, write_shards
+from flair_min.toyworld import image_bytes, make_scene, write_shards
 from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ def main(argv=None):
     parser.add_argument('--workers', type=int, default=2, help='processes writing shards')
     parser.add_argument('--out', default=str(ROOT / 'results' / 'toy_write_speed'), help='writes OUT.json and OUT.md')
     args = parser.parse_args(argv)
-    for s in [make_scene(args.scenes + i) for i in range(20)]: encode_image(s.image)           # warm-up
+    for s in [make_scene(args.scenes + i) for i in range(20)]: image_bytes(s.image)           # warm-up
     tic = time.process_time(); scenes = [make_scene(i) for i in range(args.scenes)]          # CPU time, like the
     make_ms = 1000 * (time.process_time() - tic) / args.scenes                              # shard-writing row
-    tic = time.process_time(); [encode_image(s.image) for s in scenes]
+    tic = time.process_time(); [image_bytes(s.image) for s in scenes]
     jpeg_ms = 1000 * (time.process_time() - tic) / args.scenes
     wall, cpu, size = timed_write(args.samples, samples_per_shard=args.samples_per_shard, workers=args.workers)
     shards = -(-args.samples // args.samples_per_shard)
@@ -56,7 +56,7 @@ def main(argv=None):
     per = f"{plural(args.samples, 'sample')} in {plural(shards, 'shard')}, {plural(args.workers, 'process')}"
     rows = [(f'`make_scene` (sample, draw, describe, mask), {args.scenes} scenes, one process: CPU time',
              make_ms * args.scenes / 1000, make_ms, make_ms / jpeg_ms),
-            (f'JPEG encoding (`encode_image`), {args.scenes} scenes, one process: CPU time',
+            (f'JPEG encoding (`image_bytes`), {args.scenes} scenes, one process: CPU time',
              jpeg_ms * args.scenes / 1000, jpeg_ms, 1.0),
             (f'`write_shards`, {per}: CPU time of all processes', cpu, 1000 * cpu / args.samples,
              1000 * cpu / args.samples / jpeg_ms),

@@ -15,7 +15,7 @@ of `--steps` steps each (the machine's load hits all variants alike; a variant's
 * text tower trimmed + fused AdamW: also the optimizer's fused kernel (TrainConfig.fused_optimizer, 09_train).
 
 With `--demo`, the model and the batch are those of `flair-min demo` (15_demo: the toy FLAIR, 32 images × K = 8
-sub-captions from its loader, whose text blocks are already cut to the batch's longest text).
+sub-captions of 77 tokens from its loader).
 
 It checks that the variants compute the same loss and gradients (to float tolerance), and measures the machine's
 float32 matmul rate in the same run. Writes OUT.json and OUT.md (command, machine, date, figures).

@@ -22,7 +22,7 @@ from .tokenizer import get_tokenizer
 from .captions import sample_subcaptions, split_caption
 from .model import FLAIR, FlairConfig, PRECISIONS
 from flair_min.checkpoint import (
-    StateDictMismatchError, config_from_state_dict, load_checkpoint, load_checkpoint_file, read_checkpoint,
+    StateDictMismatchError, config_from_state_dict, load_checkpoint, read_checkpoint,
     unwrap_state_dict)
 from .losses import DISTRIBUTED_LOSSES, LOSSES
 from .data import DataConfig, make_train_loader
@@ -350,10 +350,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def read_checkpoint_dict(path) -> dict:
     "A checkpoint file as it was saved: the weights and, in flair_min's own, the 'config' it was trained with."
-    try: return load_checkpoint_file(path)
-    except Exception:
-        read_checkpoint(path)   # raises the error that says what is wrong with the file
-        raise
+    return read_checkpoint(path)
 
 def eval_config(checkpoint: dict, model_config=None, source: str = 'the checkpoint') -> FlairConfig:
     "--model's config, else the checkpoint's stored 'config', else one read off its tensor shapes (with a warning)."

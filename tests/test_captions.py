@@ -1,24 +1,18 @@
 """Sentence splitting parity, record pools, and diverse sampling: the rng call sequence, statistical checks
-that a wrong sampler fails (shown on deliberately wrong samplers), and the token path against the string path."""
-import pickle, random
+that a wrong sampler fails (shown on deliberately wrong samplers)."""
+import random
 from collections import Counter
 from itertools import permutations, product
 from math import comb, sqrt
 
-import pytest, torch
+import pytest
 from scipy import stats
 
-from flair_min.captions import (DREAMLIP_FIELDS, TokenizedPool, caption_pool, is_assemblable, is_blank_sentence,
-                                make_rng, pad_rows, sample_subcaption_indices, sample_subcaption_tokens,
-                                sample_subcaptions, split_caption, subcaption_ids, tokenize_pool)
-from flair_min.tokenizer import get_tokenizer
+from flair_min.captions import (DREAMLIP_FIELDS, caption_pool, is_blank_sentence, make_rng, sample_subcaption_indices,
+                                sample_subcaptions, split_caption)
 
 P_REJECT = 1e-4   # a chi-square p-value below this rejects the sampler
 Z_REJECT = 4.5    # a binomial z-score above this rejects the sampler
-
-
-@pytest.fixture(scope='module')
-def tok(): return get_tokenizer()
 
 
 # ---------------------------------------------------------------- splitting
@@ -295,94 +289,3 @@ def test_checks_reject_wrong_samplers(bug, rejected_by):
     wrong = make_sampler(bug)
     for check in rejected_by:
         assert not check(wrong), f'{check.__name__} accepted the {bug!r} sampler'
-
-
-# ---------------------------------------------------------------- the token path
-
-JUNCTIONS = [('Is it a dog?', 'Yes'), ('a (small) cat)', 'b'), ('he said "hi"', 'ok'), ('x,', 'y'), ('wait...', 'z'),
-             ('end!', 'next'), ("the dogs'", 'x'), ('a &amp', 'b'), ('x &lt', 'y'), ('trailing ', 'b'),
-             ('', 'b'), ('a', ''), ('   ', '  '), ('a?', '?b'), ('ΑΣ', 'Σ'), ('café', 'naïve?'), ('x <', '&amp;amp;'),
-             ('3', '5 m'), ('<end_of_text>', 'a'), ('A\tB\n', '\rC'), ('emoji 🐶!', 'ok'), ('ï»¿bom', 'x')]
-
-
-@pytest.mark.parametrize('a, b', JUNCTIONS)
-def test_junctions(tok, a, b):
-    pool = tokenize_pool([a, b])
-    for idx in [(0, 1), (1, 0), (0, 0), (1, 1, 0), (0,), (1,)]:
-        joined = '. '.join(pool.sentences[i] for i in idx)
-        assert subcaption_ids(pool, idx, tok) == tok.encode(joined), (joined, idx)
-
-
-def test_the_punctuation_junction(tok):
-    ids = subcaption_ids(tokenize_pool(['Is it a dog?', 'Yes']), (0, 1))
-    assert ids[-3:] == (1929, 41251, 1958)
-    assert tok.encode('Is it a dog?') + (269,) + tok.encode('Yes') != ids   # naive gluing would be wrong here
-
-
-def test_fast_path_does_not_tokenize(tok):
-    class NoTokenizer:
-        def encode(self, text): raise AssertionError(f'tokenized {text!r}')
-    pool = tokenize_pool(['Is it a dog?', 'Yes', 'a (b)', 'trailing  ', 'x'], tok)
-    for idx in sample_subcaption_indices(5, 200, 3, 0):
-        assert subcaption_ids(pool, idx, NoTokenizer()) == tok.encode('. '.join(pool.sentences[i] for i in idx))
-
-
-ATOMS = ['dog', 'A', 'Cat', 'the', '3', '42', '?', '!', ',', '...', ')', '(', '"', "'", "'s", '-', ':', ';', '<', '>',
-         '&', '&amp;', '&amp', '&lt', '#', 'é', 'É', 'ß', 'Σ', '日本', '🐶', 'â€œ', '\u00a0', '\t', '\n', '  ', '</s>',
-         '<start_of_text>', '.', '%', 'x' * 12]
-
-
-def random_sentence(rng):
-    body = rng.choice(['', ' ']).join(rng.choice(ATOMS) for _ in range(rng.randint(0, 6)))
-    return rng.choice(['', '', '', ' ', '\t']) + body + rng.choice(['', '', '', '', ' ', '  ', '?', ')', '"', ','])
-
-
-def test_token_path_equals_string_path_on_random_pools(tok):
-    "4,000 sub-captions from 400 random pools, at context lengths from 77 down to 2: identical tensors."
-    rng, assembled = random.Random(0), 0
-    for trial in range(400):
-        sentences = [random_sentence(rng) for _ in range(rng.randint(1, 9))]
-        pool, ctx, m = tokenize_pool(sentences, tok), rng.choice([77, 77, 12, 5, 2]), rng.randint(1, 4)
-        got = sample_subcaption_tokens(pool, 10, m, random.Random(trial), tok, ctx)
-        want = tok(sample_subcaptions(sentences, 10, m, random.Random(trial)), context_length=ctx)
-        assert torch.equal(got, want), (sentences, ctx)
-        assembled += sum(d is not None for d in pool.dotted)
-    assert assembled > 500   # the generator reaches the fast path often, not only the fallback
-
-
-def test_token_path_on_ascii_pools_many_samples(tok):
-    "Thousands of sub-captions from tidy and junction-heavy ASCII pools, all assembled without re-tokenizing."
-    rng = random.Random(1)
-    words = ['dog', 'Cat', 'in', 'the', 'park', '3', '?', '!', ',', ')', '(', '"', "'s", '...', ':', '-']
-    for trial in range(100):
-        sentences = [' '.join(rng.choice(words) for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 25))]
-        pool = tokenize_pool(sentences, tok)
-        assert all(d is not None for d in pool.dotted)
-        got = sample_subcaption_tokens(pool, 32, 3, random.Random(trial), tok)
-        assert torch.equal(got, tok(sample_subcaptions(sentences, 32, 3, random.Random(trial))))
-
-
-def test_token_and_string_paths_use_the_same_draws():
-    sentences = [f'w{i}' for i in range(12)]
-    a, b = random.Random(9), random.Random(9)
-    sample_subcaption_tokens(tokenize_pool(sentences), 8, 3, a); sample_subcaptions(sentences, 8, 3, b)
-    assert a.getstate() == b.getstate()
-
-
-def test_truncation_and_layout(tok):
-    pool = tokenize_pool(['word ' * 40 + '?', 'short'], tok)
-    for ctx in (2, 3, 16, 77):
-        out = sample_subcaption_tokens(pool, 6, 3, 0, tok, ctx)
-        assert out.shape == (6, ctx) and out.dtype == torch.long
-        assert (out[:, 0] == tok.sot_token_id).all() and (out == tok.eot_token_id).sum(1).eq(1).all()
-    assert pad_rows([(5, 6, 7)], 4, 1, 2).tolist() == [[1, 5, 6, 2]]
-    assert pad_rows([(5,)], 5, 1, 2).tolist() == [[1, 5, 2, 0, 0]]
-    with pytest.raises(ValueError, match='context_length'): pad_rows([(5,)], 1, 1, 2)
-
-
-def test_pool_is_picklable_and_validated(tok):
-    pool = tokenize_pool(['a?', 'café'], tok)
-    assert isinstance(pool, TokenizedPool) and pickle.loads(pickle.dumps(pool)) == pool
-    assert pool.dotted[1] is None and not is_assemblable('café') and is_assemblable('plain (ascii)?')
-    with pytest.raises(TypeError, match='sentences'): tokenize_pool('one string')
-    with pytest.raises(ValueError, match='empty'): tokenize_pool([])

@@ -7,8 +7,8 @@ import argparse, os, pickle, subprocess, warnings
 import pytest
 import torch
 
-from flair_min.checkpoint import (file_format, load_checkpoint_file, read_checkpoint, refused_global,
-                                  remove_stale_temporaries, save_checkpoint)
+from flair_min.checkpoint import (file_format, read_checkpoint, refused_global, remove_stale_temporaries,
+                                  save_checkpoint, unwrap_state_dict)
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.pretrained import create_model
 
@@ -33,7 +33,7 @@ def test_a_file_that_holds_code_is_refused_and_never_run(flair_tiny, tmp_path, f
     marker, path = tmp_path / 'code_was_run', tmp_path / 'malicious.pt'
     torch.save({'state_dict': flair_tiny['state_dict'], 'x': payload(marker)}, path, **FORMATS[fmt])
     assert file_format(path) == fmt
-    for load in (read_checkpoint, load_checkpoint_file, lambda p: create_model('tiny', pretrained=p)):
+    for load in (read_checkpoint, lambda p: create_model('tiny', pretrained=p), lambda p: create_model(pretrained=p)):
         with pytest.raises(ValueError) as e:
             load(path)
         message = str(e.value)
@@ -71,18 +71,33 @@ def test_legacy_and_zip_files_read_and_truncated_ones_are_named(flair_tiny, tmp_
         read_checkpoint(tmp_path / 'cut.pt')
 
 
+def test_one_reader_returns_what_was_saved(flair_tiny, tmp_path):
+    "A training checkpoint reads back whole (on the CPU unless map_location says otherwise); a bare one as it is."
+    prefixed = {'module.' + k: v for k, v in flair_tiny['state_dict'].items()}
+    saved = {'step': 3, 'config': {'preset': 'tiny'}, 'state_dict': prefixed}
+    path = save_checkpoint(saved, tmp_path / 'latest.pt')
+    checkpoint = read_checkpoint(path, map_location='cpu')
+    assert (checkpoint['step'], checkpoint['config']) == (3, {'preset': 'tiny'})
+    assert list(unwrap_state_dict(checkpoint)) == list(flair_tiny['state_dict'])
+    meta = read_checkpoint(path, map_location='meta')['state_dict']
+    assert all(v.is_meta for v in meta.values())
+    torch.save(flair_tiny['state_dict'], tmp_path / 'bare.pt')
+    assert list(read_checkpoint(tmp_path / 'bare.pt')) == list(flair_tiny['state_dict'])
+
+
 def test_a_corrupt_training_checkpoint_says_what_to_do(tmp_path):
     latest = save_checkpoint({'step': 3, 'w': torch.zeros(1000)}, tmp_path / 'latest.pt')
     latest.write_bytes(latest.read_bytes()[:200])
     with pytest.raises(ValueError) as e:
-        load_checkpoint_file(latest)
+        read_checkpoint(latest)
     assert f'{latest} looks truncated or corrupted' in str(e.value)
     assert 'delete it to start afresh, or resume from another checkpoint' in str(e.value)
+    assert 'download or copy it again' in str(e.value) and '\n' not in str(e.value)
     (tmp_path / 'page.pt').write_text('<html>not a checkpoint</html>')
     with pytest.raises(ValueError, match='page.pt is not a PyTorch checkpoint'):
-        load_checkpoint_file(tmp_path / 'page.pt')
-    with pytest.raises(FileNotFoundError, match='no checkpoint at'):
-        load_checkpoint_file(tmp_path / 'missing.pt')
+        read_checkpoint(tmp_path / 'page.pt')
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
+        read_checkpoint(tmp_path / 'missing.pt')
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
@@ -102,7 +117,7 @@ def test_a_raw_pickle_that_holds_code_is_refused_without_torchs_advice(tmp_path,
     "A plain pickle (not torch.save's format) that calls code: named as code, never 'retry with weights_only=False'."
     marker, path = tmp_path / 'code_was_run', tmp_path / 'raw.pkl'
     with open(path, 'wb') as f: pickle.dump({'x': payload(marker)}, f, protocol=2)
-    for load in (read_checkpoint, load_checkpoint_file):
+    for load in (read_checkpoint, lambda p: create_model(pretrained=p)):
         with pytest.raises(ValueError) as e:
             load(path)
         message = str(e.value)

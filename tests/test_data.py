@@ -13,8 +13,9 @@ from conftest import ROOT
 from fixtures import write_damaged_tar, write_damaged_targz
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
 from flair_min.data import (DROPPED, SKIP_KINDS, DataConfig, ShardStream, SkipSample, TableStream, TrainLoader,
-                            as_rgb, expand_urls, is_blank, load_table, make_pipeline, make_train_loader, raw_record,
-                            sentence_pool, source_kind, tar_samples, write_shard)
+                            as_rgb, is_blank, load_table, make_pipeline, make_train_loader, raw_record, sentence_pool,
+                            source_kind)
+from flair_min.shards import expand_urls, tar_samples, write_shard
 from flair_min.cc3m import cc3m_recap_loader
 from flair_min.model import image_transform
 from flair_min.tokenizer import get_tokenizer
@@ -91,13 +92,40 @@ def test_first_skips_logged_with_key_and_reason(shards, caplog):
 
 def test_epochs_reshuffle_with_persistent_workers(shards):
     loader = make_train_loader(shards['urls'], batch_size=1, num_workers=2, with_keys=True, shuffle_buffer=3, **SMALL)
-    epoch0, epoch1 = keys_of(loader), keys_of(loader)
+    loader.set_epoch(0); epoch0 = keys_of(loader)
+    loader.set_epoch(1); epoch1 = keys_of(loader)                               # as the trainer does before each pass
     assert sorted(epoch0) == sorted(epoch1) == sorted(shards['keys']) and epoch0 != epoch1
     assert loader.counts()['ok'] == 2 * len(shards['keys'])                     # counts accumulate over epochs
     again = make_train_loader(shards['urls'], batch_size=1, num_workers=2, with_keys=True, shuffle_buffer=3, **SMALL)
     again.set_epoch(1)
     assert keys_of(again) == epoch1                                             # seed + epoch fix the order
 
+
+def test_the_loader_stays_at_its_epoch_until_told(shards):
+    "The trainer owns the epoch: a pass does not move the loader on; set_epoch does, persistent workers included."
+    loader = make_train_loader(shards['urls'], batch_size=1, num_workers=2, with_keys=True, shuffle_buffer=3, **SMALL)
+    first, again = keys_of(loader), keys_of(loader)
+    assert first == again and loader.dataset.epoch == 0
+    loader.set_epoch(3)
+    assert loader.dataset.epoch == 3 and keys_of(loader) != first and loader.dataset.epoch == 3
+    assert not hasattr(loader, 'epoch')                                         # no second counter
+
+
+def test_skipped_is_one_dict_of_every_kind(shards):
+    loader = make_train_loader(str(shards['dir'] / 'part-3.tar'), batch_size=1, num_workers=0, **SMALL)
+    list(loader)
+    assert loader.skipped() == loader.dataset.skipped() == {kind: int(kind != 'bad_shard') for kind in SKIP_KINDS}
+
+
+def test_the_rank_comes_from_the_one_rank_helper(shards, monkeypatch):
+    "Without an explicit rank the stream asks losses.rank_and_world(); an explicit one is checked."
+    import flair_min.data as data
+    monkeypatch.setattr(data, 'rank_and_world', lambda: (1, 2))
+    stream = ShardStream(shards['urls'], make_pipeline(32))
+    assert (stream.rank, stream.world_size) == (1, 2)
+    assert (ShardStream(shards['urls'], make_pipeline(32), rank=3, world_size=4).rank, stream.world_size) == (3, 2)
+    with pytest.raises(ValueError, match='rank=4 with world_size=4: expected 0 <= rank < world_size'):
+        ShardStream(shards['urls'], make_pipeline(32), rank=4, world_size=4)
 
 def test_ranks_and_workers_split_the_shards(shards):
     parts = [keys_of(make_train_loader(shards['urls'], batch_size=1, num_workers=2, rank=r, world_size=2,
@@ -187,6 +215,15 @@ def test_hub_path_offline(tmp_path):
     assert sample['longIB_captions'] == ['Long one', 'Second line', 'Third'] and 'caption' not in sample
     assert sample['shortIB_captions'] == ['a "short" one, with a comma'] and sample['url'] == 'https://img/0.jpg'
 
+
+def test_an_interrupted_download_leaves_no_file(tmp_path, monkeypatch):
+    "A hub download that breaks mid-way leaves no file (a partial one would be taken for a finished copy)."
+    import flair_min.cc3m as cc3m
+    class Broken(io.BytesIO):
+        def read(self, *args): raise ConnectionError('connection reset by peer')
+    monkeypatch.setattr(cc3m, 'open_stream', lambda url: Broken())
+    with pytest.raises(ConnectionError, match='reset'): cc3m.download('hf://datasets/x/cc3m-train-0000.tar', tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 def test_table_sources(tmp_path):
     folder = tmp_path / 'folder'; folder.mkdir()
@@ -312,10 +349,26 @@ def test_data_config_is_checked_in_the_main_process(shards, field, value, messag
     assert message in str(err.value)                                            # before any worker starts
 
 
+def test_data_config_names_every_bad_field():
+    with pytest.raises(ValueError) as err: DataConfig(batch_size=0, num_workers=-1, context_length=1, num_samples=0)
+    for part in ('DataConfig.batch_size=0: expected an int >= 1', 'DataConfig.num_workers=-1: expected an int >= 0',
+                 'DataConfig.context_length=1: expected an int >= 2', 'DataConfig.num_samples=0: expected an int >= 1'):
+        assert part in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize('bad', [dict(batch_size=0), dict(max_workers=-1), dict(num_samples=0), dict(shuffle_buffer=-1),
+                                 dict(batch_size=2.5)])
+def test_stream_numbers_are_checked_where_it_is_made(shards, bad):
+    (field, value), = bad.items()
+    with pytest.raises(ValueError, match=f'{field}={value}: expected an int'):
+        ShardStream(shards['urls'], make_pipeline(32), **bad)
+
 def test_pipeline_numbers_are_checked_where_it_is_made():
     with pytest.raises(ValueError, match='num_captions=0: expected an int >= 1'): make_pipeline(32, num_captions=0)
     with pytest.raises(ValueError, match='max_merged=0'): make_pipeline(32, max_merged=0)
     with pytest.raises(ValueError, match='context_length=1: expected an int >= 2'): make_pipeline(32, context_length=1)
+    with pytest.raises(ValueError, match='num_captions=0: .*; .*max_merged=-1: expected an int >= 1'):
+        make_pipeline(32, num_captions=0, max_merged=-1)
 
 
 @pytest.mark.parametrize('content', [{}, {'notes.txt': 'hello'}, {'metadata.jsonl': '{"file_name": "a.jpg"}\n'},
@@ -385,31 +438,13 @@ def test_any_number_of_workers_has_a_counter_row(shards):
 def test_damaged_shards_are_counted_from_where_they_broke(tmp_path, caplog):
     "A garbage header in a .tar, damaged bytes in a .tar.gz: the samples before are kept, the rest is one bad_shard."
     offset = write_damaged_tar(tmp_path / 'toy-000.tar')                      # its 3rd member: the 2nd sample's jpg
-    write_damaged_targz(tmp_path / 'toy-001.tar.gz')
-    for name in ('toy-000.tar', 'toy-001.tar.gz'):
-        out = list(tar_samples(str(tmp_path / name)))
-        skips = [s['__skip__'] for s in out if '__skip__' in s]
-        assert len(skips) == 1 and skips[0][0] == 'bad_shard' and '__skip__' in out[-1], (name, skips)
-        assert f'{name}: unreadable from byte ' in skips[0][1] and 'the rest of the shard' in skips[0][1], skips
-    assert [s['__key__'] for s in tar_samples(str(tmp_path / 'toy-000.tar'))][:-1] == ['00002000']
+    write_damaged_targz(tmp_path / 'toy-001.tar.gz')                          # (the reader's side: test_shards.py)
     urls = [str(tmp_path / 'toy-000.tar'), str(tmp_path / 'toy-001.tar.gz')]
     loader = make_train_loader(urls, batch_size=1, num_workers=0, **SMALL)
     with caplog.at_level(logging.WARNING, logger='flair_min.data'): kept = len(list(loader))
     assert loader.skipped()['bad_shard'] == 2 and loader.counts()['ok'] == kept >= 1
     assert f'bad_shard: toy-000.tar: unreadable from byte {offset} on (' in caplog.text
     assert 'bad_shard: toy-001.tar.gz: unreadable from byte ' in caplog.text
-
-
-def test_whole_and_cut_gzip_shards(tmp_path):
-    "A good .tar.gz reads whole with no skip; one cut short is a bad_shard after its complete samples."
-    import gzip
-    write_shard(tmp_path / 'good.tar', good(0, 6))
-    data = gzip.compress((tmp_path / 'good.tar').read_bytes(), mtime=0)
-    (tmp_path / 'good.tar.gz').write_bytes(data)
-    assert [s['__key__'] for s in tar_samples(str(tmp_path / 'good.tar.gz'))] == [f'{i:05d}' for i in range(6)]
-    (tmp_path / 'cut.tar.gz').write_bytes(data[:len(data) * 2 // 3])
-    out = list(tar_samples(str(tmp_path / 'cut.tar.gz')))
-    assert out[-1]['__skip__'][0] == 'bad_shard' and len(out) > 1 and 'cut.tar.gz: unreadable' in out[-1]['__skip__'][1]
 
 
 def test_images_without_a_metadata_row_are_counted(tmp_path, caplog):

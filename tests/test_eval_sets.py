@@ -1,19 +1,20 @@
 """Benchmark readers on the real annotation excerpts (data/annotations/) and on fixtures in the
 documented layouts, checked against an independent transcription of the official counting
-(data_list → map_img_cap → extract_unique_img_list → remap_indices); and `flair-min eval` end to
-end on a tiny COCO-layout folder."""
+(data_list → map_img_cap → extract_unique_img_list → remap_indices); the PASCAL VOC reader on a folder in the real
+layout; and `flair-min eval` end to end on a tiny COCO-layout folder."""
 import argparse, json, re, shutil, struct, zlib
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import ROOT
 from flair_min.cli import add_eval_arguments, main, run_eval
-from flair_min.eval_sets import (BENCHMARKS, ImageFiles, read_benchmark, read_coco, read_dci, read_docci,
-                                 read_flickr30k, read_iiw, read_sharegpt4v, read_urban1k)
+from flair_min.eval_sets import (BENCHMARKS, IGNORE_INDEX, ImageFiles, read_benchmark, read_coco, read_dci,
+                                 read_docci, read_flickr30k, read_iiw, read_sharegpt4v, read_urban1k, read_voc)
 from flair_min.captions import split_caption
 from flair_min.model import FLAIR, FlairConfig, image_transform
 from torch.utils.data import DataLoader
@@ -85,6 +86,31 @@ def test_dci_excerpt_splits_with_fixture_annotations(tmp_path):
     assert (len(dci.images), len(dci.texts)) == (15, 15) and dci.txt2img == list(range(15))
     assert dci.texts[3] == '. '.join(split_caption('Short 3. \nOne.\nTwo </s> three...')) == 'Short 3. One. Two. three'
     assert dci.images[10] == root / 'densely_captioned_images' / 'photos' / 'sa_10.jpg'  # test split after valid
+
+
+def write_voc(root, n=3):
+    "A PASCAL VOC folder in the real layout: n random photos, palette-PNG labels (class 1 + 7i, a row of 255s)."
+    rng = np.random.default_rng(0)
+    for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / 'JPEGImages' / f'2008_{i:06d}.jpg')
+        label = np.zeros((30, 44), np.uint8); label[5:25, 10:30] = 1 + 7 * i; label[5, 10:30] = 255
+        png = Image.fromarray(label, 'P'); png.putpalette([v for c in range(256) for v in (c, 255 - c, c // 2)])
+        png.save(root / 'SegmentationClass' / f'2008_{i:06d}.png')
+    (root / 'ImageSets' / 'Segmentation' / 'val.txt').write_text(''.join(f'2008_{i:06d}\n' for i in range(n)))
+    return root
+
+
+def test_voc_reader(tmp_path):
+    root = write_voc(tmp_path / 'VOC2012')
+    voc20, voc21 = read_voc(root), read_voc(root, background=True)
+    assert (len(voc20), len(voc20.class_names), len(voc21.class_names)) == (3, 20, 21)
+    assert sorted(voc20.label(2).unique().tolist()) == [14, IGNORE_INDEX]   # raw 15 (person) -> 14; background ignored
+    assert sorted(voc21.label(2).unique().tolist()) == [0, 15, IGNORE_INDEX]
+    (root / 'JPEGImages' / '2008_000001.jpg').unlink()
+    with pytest.raises(FileNotFoundError, match='are missing'): read_voc(root)
+    with pytest.raises(FileNotFoundError, match='VOC layout'): read_voc(tmp_path)
 
 
 def test_docci_fixture(tmp_path):

@@ -1,6 +1,6 @@
 """Localization (12_localization): the three maps against the official formulas (flair_maps.pt), their shapes and
-ranges on a model with the CLIP vocabulary, mIoU on hand-made masks, the VOC reader on a folder in the real layout,
-and the explorer's update without a browser."""
+ranges on a model with the CLIP vocabulary, overlays scaled as the official pictures, the pointing game, mIoU on
+hand-made masks and on a VOC folder in the real layout, and the explorer's update without a browser."""
 import math
 import re
 
@@ -10,10 +10,14 @@ import torch
 from PIL import Image
 
 from conftest import REFERENCE
-from flair_min.localization import (MAP_KINDS, Explorer, centre_square, confusion_matrix, evaluate_segmentation,
-                                    localization_maps, map_on_image, read_voc, segment, segmentation_metrics)
+from test_eval_sets import write_voc
+from flair_min.eval_sets import read_voc
+from flair_min.localization import (MAP_KINDS, Explorer, centre_square, class_embeddings, confusion_matrix,
+                                    evaluate_segmentation, localization_maps, map_on_image, overlay, patch_coverage,
+                                    pointing_game, segment, segmentation_metrics)
 from flair_min.cli import main
 from flair_min.model import FLAIR, FlairConfig
+from flair_min.toyworld import make_scene
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
@@ -72,6 +76,51 @@ def test_alignment_on_non_square_images():
     assert heat[:4, 6:10].mean() > heat[:4, 2:6].mean()                        # the top-right patch is the hot one
 
 
+def test_overlays_scale_as_the_official_pictures():
+    "Default: negatives to 0, then ÷ max (the official pictures); min–max and the raw map on request."
+    import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+    grid = torch.tensor([-0.5, 0.1, 0.25, 0.5])                               # a 2 × 2 map with a negative patch
+    image = np.zeros((2, 2, 3), np.uint8)                                      # one pixel per patch: no interpolation
+    expected = {'official': [[0, 0.2], [0.5, 1]], 'minmax': [[0, 0.6], [0.75, 1]], None: [[-0.5, 0.1], [0.25, 0.5]]}
+    labels = {'official': '÷ max', 'minmax': 'min–max', None: 'as computed'}
+    fig, ax = plt.subplots()
+    try:
+        for normalise, heat in expected.items():
+            np.testing.assert_allclose(map_on_image(grid, 2, 2, normalise), heat, atol=1e-6)
+            np.testing.assert_allclose(overlay(ax, image, grid, normalise=normalise), heat, atol=1e-6)
+            assert labels[normalise] in ax.get_xlabel(), ax.get_xlabel()        # the figure says how it is scaled
+        np.testing.assert_allclose(map_on_image(grid, 2, 2), expected['official'], atol=1e-6)   # the default
+        np.testing.assert_allclose(overlay(ax, image, grid), expected['official'], atol=1e-6)
+        attention = torch.tensor([0.1, 0.2, 0.05, 0.4])                         # weights: ÷ max only
+        np.testing.assert_allclose(map_on_image(attention, 2, 2), [[0.25, 0.5], [0.125, 1]], atol=1e-6)
+        assert (map_on_image(-grid.abs(), 2, 2) == 0).all()                     # nothing above 0: nothing drawn
+        for bad in ('max', True, 'min-max'):
+            with pytest.raises(ValueError, match=rf"normalise={bad!r}: expected one of \('official', 'minmax', None\)"):
+                overlay(ax, image, grid, normalise=bad)
+    finally: plt.close(fig)
+
+
+def test_patch_coverage_and_pointing_game():
+    scene = make_scene(11)
+    coverage = patch_coverage(scene.masks, 8)  # (S, 8, 8)
+    assert coverage.shape == (len(scene.sentences), 8, 8)
+    assert np.allclose(coverage.sum((1, 2)) * 64, scene.masks.sum((1, 2)))
+    assert pointing_game(coverage, scene.masks).all()
+    assert not pointing_game(-coverage[2:], scene.masks[2:]).any()
+    with pytest.raises(ValueError, match='patches of 7'): patch_coverage(scene.masks, 7)
+
+
+def test_token_ids_outside_the_vocabulary_name_the_model(tiny, maps_ref):
+    "Token ids the model cannot embed (CLIP's BPE on the 1,000-token tiny model) fail with one clear error."
+    images, texts = maps_ref['images'], maps_ref['texts']
+    vocabulary = r"texts: got token id \d+, but the model's vocabulary has 1000 entries \(ids 0 \.\. 999\)"
+    too_big = texts.clone(); too_big[1, 2] = 1000
+    with pytest.raises(ValueError, match=vocabulary): localization_maps(tiny, images, too_big)
+    with pytest.raises(ValueError, match=vocabulary): class_embeddings(tiny, ['dog'])
+    photo = np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=vocabulary): Explorer(tiny, [photo]).compute()
+
+
 def test_miou_by_hand():
     truth = torch.tensor([[0, 0, 1], [2, 2, 255]])
     pred = torch.tensor([[0, 1, 1], [2, 0, 1]])
@@ -94,34 +143,15 @@ def test_segment_with_background_threshold():
     assert segment(scores, (2, 2), background_threshold=0.4).tolist() == [[[0, 1], [2, 0]]]
 
 
-def write_voc(root, n=3):
-    rng = np.random.default_rng(0)
-    for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'): (root / d).mkdir(parents=True)
-    for i in range(n):
-        pixels = rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / 'JPEGImages' / f'2008_{i:06d}.jpg')
-        label = np.zeros((30, 44), np.uint8); label[5:25, 10:30] = 1 + 7 * i; label[5, 10:30] = 255
-        png = Image.fromarray(label, 'P'); png.putpalette([v for c in range(256) for v in (c, 255 - c, c // 2)])
-        png.save(root / 'SegmentationClass' / f'2008_{i:06d}.png')
-    (root / 'ImageSets' / 'Segmentation' / 'val.txt').write_text(''.join(f'2008_{i:06d}\n' for i in range(n)))
-    return root
-
-
-def test_voc_reader_and_segmentation(tmp_path, clip_tiny):
+def test_segmentation_of_a_voc_folder(tmp_path, clip_tiny):
     root = write_voc(tmp_path / 'VOC2012')
     voc20, voc21 = read_voc(root), read_voc(root, background=True)
-    assert (len(voc20), len(voc20.class_names), len(voc21.class_names)) == (3, 20, 21)
-    assert sorted(voc20.label(2).unique().tolist()) == [14, 255]      # raw 15 (person) -> 14; background ignored
-    assert sorted(voc21.label(2).unique().tolist()) == [0, 15, 255]
     for kind in MAP_KINDS:
         r = evaluate_segmentation(clip_tiny, voc20, kind)
         assert 0 <= r['mIoU'] <= 1 and r['images'] == 3 and len(r['per_class_IoU']) == 20
     r21 = evaluate_segmentation(clip_tiny, voc21, background_threshold=2.0)   # above any cosine: all background
     assert r21['per_class_IoU']['background'] == pytest.approx(r21['pixel_accuracy']) and r21['mIoU'] < 1
     with pytest.raises(ValueError, match='background_threshold'): evaluate_segmentation(clip_tiny, voc21)
-    (root / 'JPEGImages' / '2008_000001.jpg').unlink()
-    with pytest.raises(FileNotFoundError, match='are missing'): read_voc(root)
-    with pytest.raises(FileNotFoundError, match='VOC layout'): read_voc(tmp_path)
 
 
 def test_explorer_update_without_a_browser(clip_tiny):

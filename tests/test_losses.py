@@ -206,12 +206,21 @@ def test_single_image_batch():
 
 
 @pytest.mark.parametrize('kwargs, expected', [
-    (dict(num_captions=0), 'num_captions=0: expected an integer >= 1'),
-    (dict(num_captions=-2), 'num_captions=-2: expected an integer >= 1'),
-    (dict(num_captions=2.0), 'num_captions=2.0: expected an integer >= 1'),
-    (dict(num_captions=True), 'num_captions=True: expected an integer >= 1'),
-    (dict(num_captions=2, chunk_size=0), 'chunk_size=0: expected a number of images >= 1, or None'),
+    (dict(num_captions=0), 'num_captions=0: expected an int >= 1$'),
+    (dict(num_captions=-2), 'num_captions=-2: expected an int >= 1$'),
+    (dict(num_captions=2.0), 'num_captions=2.0: expected an int >= 1$'),
+    (dict(num_captions=True), 'num_captions=True: expected an int >= 1$'),
+    (dict(num_captions=2, chunk_size=0), 'chunk_size=0: expected an int >= 1, or None$'),
+    (dict(num_captions=0, chunk_size=1.5), r'num_captions=0: expected an int >= 1; chunk_size=1.5: expected an int'),
+    (dict(num_captions=2, distributed='all'), r"distributed='all': expected one of \('ring', 'gather'\), True, False"),
 ])
 def test_flair_loss_checks_its_arguments_when_built(kwargs, expected):
     with pytest.raises(ValueError, match=f'^{expected}'):
         FlairLoss(**kwargs)
+
+
+def test_the_global_baseline_checks_num_captions_when_built():
+    from flair_min.losses import MultiPositiveLoss, make_loss
+    for build in (lambda: MultiPositiveLoss(0), lambda: make_loss('mps', 0)):
+        with pytest.raises(ValueError, match='^num_captions=0: expected an int >= 1$'):
+            build()

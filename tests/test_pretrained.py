@@ -1,13 +1,14 @@
 "Loading checkpoints: file forms, strictness, the errors of broken files and of a missing network, precisions."
-import argparse, re
+import argparse, contextlib, dataclasses, re, warnings
 
 import pytest
 import torch
 
 import flair_min
 from flair_min.model import FLAIR, FlairConfig, PRECISIONS, image_transform
-from flair_min.checkpoint import StateDictMismatchError, download_weights_from_hf, load_checkpoint, read_checkpoint
-from flair_min.pretrained import PRETRAINED_FILES, create_model, create_model_and_transforms
+from flair_min.checkpoint import (StateDictMismatchError, download_weights_from_hf, load_checkpoint, read_checkpoint,
+                                  save_checkpoint)
+from flair_min.pretrained import create_model, create_model_and_transforms, get_pretrained_cfg, list_pretrained
 
 
 def close(a, b, eps=1e-5):
@@ -128,14 +129,9 @@ def test_pickle_refused_by_weights_only(flair_tiny, tmp_path, zip_format):
 
 @pytest.mark.parametrize('bad', [5, 2.5, ['flair-cc3m-recap.pt'], b'weights.pt'])
 def test_pretrained_of_another_type_is_named(bad):
-    with pytest.raises(TypeError, match=rf"^pretrained={re.escape(repr(bad))}: expected a path, a released file name "
-                                        r"\('flair-cc3m-recap.pt', .*\) or a state dict, got " + type(bad).__name__):
+    with pytest.raises(TypeError, match=rf"^pretrained={re.escape(repr(bad))}: expected a path, a released tag "
+                                        r"\('cc3m-recap', .*\) or a state dict, got " + type(bad).__name__):
         create_model_and_transforms('tiny', pretrained=bad)
-
-
-def test_unknown_pretrained_name():
-    with pytest.raises(FileNotFoundError, match='neither an existing file nor one of the released checkpoints'):
-        create_model('tiny', pretrained='flair-laion2b.pt')
 
 
 def test_no_network_says_what_to_do(tmp_path, monkeypatch):
@@ -157,7 +153,8 @@ def test_connection_error_says_what_to_do(monkeypatch):
         download_weights_from_hf(filename='flair-merged30m.pt')
 
 
-def test_released_names_go_to_the_hub(flair_tiny, tmp_path, monkeypatch):
+def test_released_file_names_go_to_the_hub(flair_tiny, tmp_path, monkeypatch):
+    "The released file names work as their tags do (`flair-min eval --pretrained flair-cc3m-recap.pt`)."
     import huggingface_hub
     torch.save({'state_dict': flair_tiny['state_dict']}, tmp_path / 'flair-cc12m-recap.pt')
     calls = []
@@ -165,10 +162,10 @@ def test_released_names_go_to_the_hub(flair_tiny, tmp_path, monkeypatch):
         calls.append((repo_id, filename)); return str(tmp_path / filename)
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
     monkeypatch.chdir(tmp_path.parent)  # so the bare name is not found as a local file
-    create_model('tiny', pretrained='flair-cc12m-recap.pt')
+    create_model(FlairConfig.tiny(), pretrained='flair-cc12m-recap.pt')
     assert calls == [('xiaorui638/flair', 'flair-cc12m-recap.pt')]
-    assert PRETRAINED_FILES == ('flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt',
-                                'flair-merged30m.pt')
+    assert [get_pretrained_cfg(*pair)['filename'] for pair in list_pretrained()] == [
+        'flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt', 'flair-merged30m.pt']
 
 
 def test_minimal_example_names(flair_tiny, tmp_path, monkeypatch):
@@ -187,3 +184,124 @@ def test_minimal_example_names(flair_tiny, tmp_path, monkeypatch):
     model.eval()
     with torch.no_grad():
         close(model.get_logits(image=flair_tiny['images'], text=flair_tiny['texts'])[0], flair_tiny['get_logits.image'])
+
+
+# ---------------------------------------------------------------- one call loads any checkpoint flair_min writes
+
+FOUR_HEADS = dataclasses.replace(FlairConfig.tiny(), vision_heads=4, text_heads=4)   # not what the shapes suggest
+
+
+def logits(model, flair_tiny):
+    with torch.no_grad(): return model.eval().get_logits(flair_tiny['images'], flair_tiny['texts'])[0]
+
+
+def test_a_bare_state_dict_loads_with_the_config_its_shapes_imply(flair_tiny, tmp_path):
+    "A demo-style file (`save_checkpoint(model.state_dict(), 'flair.pt')`): the shapes give the model, with a warning."
+    config = dataclasses.replace(FlairConfig.tiny(), vocab_size=49408, embed_dim=32, init_logit_bias=-5.0)
+    torch.manual_seed(0)
+    original = FLAIR(config)
+    path = save_checkpoint(original.state_dict(), tmp_path / 'flair.pt')
+    with pytest.warns(UserWarning, match=r'flair.pt stores no model config: .*assuming width / 64 attention heads '
+                                         r'\(2 vision, 2 text\) and 8 pooling heads.*model_name.*--model'):
+        model, train_tf, val_tf = create_model_and_transforms(pretrained=path)
+    assert dataclasses.replace(model.config, init_logit_bias=-5.0) == config
+    close(logits(model, flair_tiny), logits(original, flair_tiny))
+    assert str(val_tf) == str(image_transform(32)) and 'RandomResizedCrop' in str(train_tf)
+
+
+def test_a_flair_min_training_checkpoint_loads_with_its_stored_config(flair_tiny, tmp_path):
+    "`flair-min train`'s runs/x/checkpoints/latest.pt: its stored config wins over the shapes; no warning."
+    from flair_min.train import Trainer, TrainConfig
+    torch.manual_seed(0)
+    trainer = Trainer(FLAIR(FOUR_HEADS), TrainConfig(steps=1, warmup=1, progress=False, out_dir=str(tmp_path / 'x')))
+    latest = trainer.save()
+    assert latest == tmp_path / 'x' / 'checkpoints' / 'latest.pt'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model = create_model_and_transforms(pretrained=latest)[0]
+    assert model.config == FOUR_HEADS
+    close(logits(model, flair_tiny), logits(trainer.model, flair_tiny))
+    given = create_model(FlairConfig.tiny(), pretrained=latest)        # model_name, when given, wins
+    assert given.config == FlairConfig.tiny()
+    assert not torch.allclose(logits(given, flair_tiny), logits(trainer.model, flair_tiny), atol=1e-4)
+
+
+def test_a_released_file_is_vit_b_16_flair_without_a_warning(tmp_path):
+    "The released files store no config, and their shapes are the preset's: nothing is guessed."
+    with torch.device('meta'): big = FLAIR(FlairConfig())
+    shapes = {k: torch.zeros(v.shape) for k, v in big.state_dict().items()}
+    path = tmp_path / 'flair-cc3m-recap.pt'
+    torch.save({'epoch': 32, 'name': 'cc3m', 'state_dict': {'module.' + k: v for k, v in shapes.items()}}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model = create_model(pretrained=path)
+    assert model.config == FlairConfig()
+
+
+def test_the_file_is_read_once(flair_tiny, tmp_path, monkeypatch):
+    import flair_min.checkpoint
+    torch.save({'state_dict': flair_tiny['state_dict'], 'config': dataclasses.asdict(FlairConfig.tiny())},
+               tmp_path / 'run.pt')
+    loads, load = [], torch.load
+    monkeypatch.setattr(flair_min.checkpoint.torch, 'load', lambda *a, **k: loads.append(a) or load(*a, **k))
+    create_model_and_transforms(pretrained=tmp_path / 'run.pt')
+    assert len(loads) == 1
+
+
+def test_a_state_dict_in_memory_needs_no_model_name(flair_tiny):
+    model = create_model(pretrained={'state_dict': flair_tiny['state_dict'], 'epoch': 3})
+    assert model.config == FlairConfig.tiny()
+    close(logits(model, flair_tiny), flair_tiny['get_logits.image'])
+
+
+def test_force_image_size_and_nonfinite_weights_without_a_model_name(flair_tiny, tmp_path):
+    torch.save(flair_tiny['state_dict'], tmp_path / 'sd.pt')
+    small = create_model(pretrained=tmp_path / 'sd.pt', force_image_size=48)
+    assert (small.config.image_size, small.visual.positional_embedding.shape) == (48, (37, 128))
+    diverged = {**flair_tiny['state_dict'], 'logit_scale': torch.tensor(float('nan'))}
+    torch.save(diverged, tmp_path / 'nan.pt')
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'nan.pt'} holds NaN or infinite values in 1 of"):
+        create_model(pretrained=tmp_path / 'nan.pt')
+
+
+def test_list_pretrained_pairs_and_their_cfg():
+    assert list_pretrained() == [('ViT-B-16-FLAIR', 'cc3m-recap'), ('ViT-B-16-FLAIR', 'cc12m-recap'),
+                                 ('ViT-B-16-FLAIR', 'yfcc15m-recap'), ('ViT-B-16-FLAIR', 'merged30m')]
+    cfg = get_pretrained_cfg('ViT-B-16-FLAIR', 'cc12m-recap')
+    assert (cfg['repo'], cfg['filename'], cfg['data'], cfg['pairs']) == ('xiaorui638/flair', 'flair-cc12m-recap.pt',
+                                                                        'CC12M-recap', '10M')
+    with pytest.raises(ValueError, match=r"\('tiny', 'cc3m-recap'\).*\('ViT-B-16-FLAIR', 'cc3m-recap'\)"):
+        get_pretrained_cfg('tiny', 'cc3m-recap')
+
+
+@pytest.fixture
+def fake_hub(flair_tiny, tmp_path, monkeypatch):
+    "hf_hub_download answering every released file with the tiny weights; the calls it got."
+    import huggingface_hub
+    calls = []
+    def download(repo_id, filename, cache_dir=None):
+        calls.append((repo_id, filename, cache_dir))
+        torch.save({'state_dict': flair_tiny['state_dict']}, tmp_path / filename)
+        return str(tmp_path / filename)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    monkeypatch.chdir(tmp_path.parent)                             # no local file has a released tag's name
+    return calls
+
+
+@pytest.mark.parametrize('model_name', [None, 'ViT-B-16-FLAIR'])
+def test_a_released_tag_downloads_its_file(fake_hub, tmp_path, model_name):
+    for model, tag in list_pretrained():
+        with pytest.raises(StateDictMismatchError) if model_name else contextlib.nullcontext():
+            create_model_and_transforms(model_name, pretrained=tag, cache_dir=tmp_path / 'cache')
+        assert fake_hub[-1] == ('xiaorui638/flair', get_pretrained_cfg(model, tag)['filename'], tmp_path / 'cache')
+    assert len(fake_hub) == 4
+
+
+@pytest.mark.parametrize('pretrained', ['laion2b', 'flair-laion2b.pt', 'no/such/file.pt'])
+def test_an_unknown_tag_or_path_lists_the_released_ones(fake_hub, pretrained):
+    with pytest.raises(FileNotFoundError, match=rf"pretrained='{re.escape(pretrained)}' .*"
+                                                r"\('ViT-B-16-FLAIR', 'cc3m-recap'\)"):
+        create_model_and_transforms(pretrained=pretrained)
+    with pytest.raises(FileNotFoundError, match="not released for 'tiny'"):
+        create_model('tiny', pretrained='cc3m-recap')
+    assert fake_hub == []

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from flair_min.model import FLAIR, FlairConfig, TextConditionedPooling
-from flair_min.retrieval import (MODES, OUTSIDE_TOPK, image_to_text_ranks, per_image_scores, pooling_weights,
-                                 prepare_texts, retrieval_metrics, retrieval_scores, score_embeddings,
-                                 text_to_image_ranks, topk_scores)
+from flair_min.retrieval import (MODES, OUTSIDE_TOPK, image_to_text_ranks, pooling_weights, prepare_texts,
+                                 retrieval_metrics, retrieval_scores, score_embeddings, text_to_image_ranks,
+                                 topk_scores)
 
 
 @pytest.fixture(scope='module')
@@ -47,6 +47,22 @@ def test_topk_indices_match_official(tiny, flair_tiny):
     assert torch.equal(idx, flair_tiny['retrieval.topk_indices'])
 
 
+@torch.no_grad()
+def per_image_scores(text_emb, global_emb, local, visual_proj, scale, mode='flair', topk=128):
+    "The official loop: image by image, the full pooling layer on all texts (or the image's top-k) → (B, N) scores."
+    unit = F.normalize(text_emb.float(), dim=-1)                                      # (N, D)
+    if mode == 'global': return scale * F.normalize(global_emb.float(), dim=-1) @ unit.T
+    rows = []
+    for i in range(local.shape[0]):
+        idx = slice(None)                                                             # all texts, or the top-k:
+        if mode == 'topk': idx = (F.normalize(global_emb[i].float(), dim=-1) @ unit.T).topk(min(topk, len(unit)))[1]
+        pooled = visual_proj(text_emb[idx][None], local[i:i + 1], local[i:i + 1])[0].float()   # (N or k, D)
+        row = torch.full((len(unit),), OUTSIDE_TOPK)
+        row[idx] = scale * (F.normalize(pooled, dim=-1) * unit[idx]).sum(-1)
+        rows.append(row)
+    return torch.stack(rows)                                                          # (B, N)
+
+
 def random_pool(D=64, seed=0):
     torch.manual_seed(seed)
     pool = TextConditionedPooling(D, 8).eval()
@@ -74,14 +90,15 @@ def test_topk_with_every_text_is_flair_mode():
 
 
 def official_metrics(scores, txt2img):
-    "The official compute_retrieval, written with a stable argsort (ties: lower index first)."
+    """The official compute_retrieval, written with a stable argsort (ties: lower index first); images without a text
+    have no image → text rank and are skipped."""
     img2txt = {}
     for t, i in enumerate(txt2img.tolist()): img2txt.setdefault(i, []).append(t)
     t2i = torch.tensor([float(torch.where(torch.argsort(s, descending=True, stable=True) == txt2img[t])[0][0])
                         for t, s in enumerate(scores.t())])
     i2t = torch.tensor([float(min(torch.where(torch.argsort(s, descending=True, stable=True) == t)[0][0]
                                   for t in img2txt[i]))
-                        for i, s in enumerate(scores)])
+                        for i, s in enumerate(scores) if i in img2txt])
     out = {}
     for name, ranks in (('text_to_image', t2i), ('image_to_text', i2t)):
         for k in (1, 5, 10): out[f'{name}_R@{k}'] = (ranks < k).double().mean().item()
@@ -101,6 +118,28 @@ def test_ranks_match_sort_based_official_with_ties(seed):
     assert torch.equal(image_to_text_ranks(scores, txt2img, chunk=3), i2t)
     got = retrieval_metrics(scores, txt2img)
     for key in expected: assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_images_without_a_text_are_skipped_in_image_to_text(seed):
+    "Texts for some of the images: text → image over all images, image → text over the images that have a text."
+    g = torch.Generator().manual_seed(seed)
+    n_images, n_texts = 9, 14
+    owners = torch.randperm(n_images, generator=g)[:5]                  # 4 images own no text
+    txt2img = owners[torch.randint(0, 5, (n_texts,), generator=g)]
+    scores = torch.randint(0, 4, (n_images, n_texts), generator=g).float()   # few distinct values: many ties
+    expected, t2i, i2t = official_metrics(scores, txt2img)
+    has_text = torch.bincount(txt2img, minlength=n_images) > 0
+    assert len(i2t) == int(has_text.sum()) < n_images
+    assert torch.equal(text_to_image_ranks(scores, txt2img), t2i)
+    assert torch.equal(image_to_text_ranks(scores, txt2img, chunk=2), i2t)
+    got = retrieval_metrics(scores, txt2img)
+    assert list(got) == list(expected)
+    for key in expected: assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+    # the same as dropping the text-less images from image → text only (the texts keep every image as a candidate)
+    kept = retrieval_metrics(scores[has_text], (torch.cumsum(has_text, 0) - 1)[txt2img])
+    for key in expected:
+        if key.startswith('image_to_text'): assert got[key] == pytest.approx(kept[key], abs=1e-12), key
 
 
 def test_metrics_on_perfect_and_reversed_scores():

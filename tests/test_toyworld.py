@@ -1,6 +1,6 @@
 """The toy world: determinism, masks that match the drawing, captions that split back into their
 sentences, shards that round-trip, the committed fixtures in data/toy/, and speed."""
-import io, json, tarfile, time
+import inspect, io, json, tarfile, time
 
 import numpy as np
 import pytest
@@ -10,10 +10,12 @@ from PIL import Image
 
 from conftest import ROOT
 from flair_min.captions import caption_pool, split_caption
+import flair_min.toyworld as toyworld
 from flair_min.toyworld import (BACKGROUND_SENTENCE, COUNT_SENTENCE, EVAL_KEYS, PALETTE, SHAPE_MASKS, ToyWorldConfig,
-                                eval_config, load_eval_split, make_eval_split, make_scene, patch_coverage,
-                                save_eval_split, scene_layout, star_mask, triangle_mask, write_shards)
-from flair_min.localization import pointing_game
+                                image_bytes, load_eval_split, make_eval_split, make_scene, save_eval_split,
+                                scene_layout, split_world, star_mask, toy_sample, triangle_mask, write_shards)
+from flair_min.localization import patch_coverage, pointing_game
+from flair_min.shards import write_shard
 from fixtures import BAD_SHARD_KINDS, write_fixtures
 
 TOY = ROOT / 'data' / 'toy'
@@ -117,6 +119,15 @@ def test_config_errors():
     with pytest.raises(ValueError, match='negative'): make_scene(-1)
 
 
+def test_config_names_every_bad_field():
+    with pytest.raises(ValueError) as err:
+        ToyWorldConfig(image_size=8, colours=(), shapes=('hexagon',), image_format='gif', jpeg_quality=0)
+    for part in ('ToyWorldConfig.image_size=8: expected an int >= 24', 'ToyWorldConfig.colours=()',
+                 "ToyWorldConfig.shapes=('hexagon',): expected a non-empty subset of",
+                 "ToyWorldConfig.image_format='gif'", 'ToyWorldConfig.jpeg_quality=0'):
+        assert part in str(err.value), str(err.value)
+
+
 @pytest.mark.parametrize('form', ['pixelprose', 'dreamlip'])
 def test_shard_round_trip(tmp_path, form):
     config = ToyWorldConfig(seed=7)
@@ -137,20 +148,31 @@ def test_png_shards_are_lossless(tmp_path):
     config = ToyWorldConfig(image_format='png', image_size=48)
     members = read_tar(write_shards(tmp_path, 3, config, samples_per_shard=3)[0])
     for i in range(3): assert np.array_equal(decode(members[f'{i:08d}.png']), make_scene(i, config).image)
+    assert np.array_equal(decode(image_bytes(make_scene(0, config).image, config)), make_scene(0, config).image)
+
+
+def test_toy_shards_come_from_the_one_shard_writer(tmp_path):
+    "The toy world has no tar writer of its own: its shards are shards.write_shard's, byte for byte."
+    assert 'tarfile' not in inspect.getsource(toyworld)
+    assert not any(hasattr(toyworld, name) for name in ('write_tar', 'tar_add', 'encode_image', 'patch_coverage'))
+    assert toyworld.write_shard is write_shard                                  # the name it has is the writer's own
+    [path] = write_shards(tmp_path / 'toy', 3, samples_per_shard=3, form='dreamlip')
+    assert write_shard(tmp_path / 'same.tar', [toy_sample(i, ToyWorldConfig(), 'dreamlip') for i in range(3)]) == 3
+    assert path.read_bytes() == (tmp_path / 'same.tar').read_bytes()
 
 
 def test_parallel_writing_gives_the_same_bytes(tmp_path):
     one = write_shards(tmp_path / 'one', 30, samples_per_shard=10, workers=1)
     two = write_shards(tmp_path / 'two', 30, samples_per_shard=10, workers=2)
     assert [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
-    assert not list((tmp_path / 'two').glob('*.tmp'))
+    assert sorted(p.name for p in (tmp_path / 'two').iterdir()) == [p.name for p in two]   # no temporaries
 
 
 def test_eval_split_round_trip_and_consistency(tmp_path):
     split = make_eval_split(40)
     back = load_eval_split(save_eval_split(split, tmp_path / 'e.npz'))
     for k in EVAL_KEYS: assert np.array_equal(back[k], split[k]), k
-    assert eval_config(back) == ToyWorldConfig(seed=1, binding_twins=True)
+    assert split_world(back) == ToyWorldConfig(seed=1, binding_twins=True)
     s, n = len(split['sentences']), len(split['images'])
     assert split['positives'].shape == (s, n) and split['masks'].shape == (s, 64, 64)
     for t in range(s):  # positives = "the identical sentence is in that image's caption"

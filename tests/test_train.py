@@ -1,7 +1,9 @@
 """Properties of the training loop (nbs/09_train.ipynb) beyond the notebook's own checks: exact accumulation
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
-processes against one, and the `flair-min train` entry point on toy-world shards; and bad input: knobs out of
+processes against one, the `flair-min train` entry point on toy-world shards, the recipes' scale and the run builder
+(`build_run`: configs, epoch length against the loader's, a warning for another world size), the trainer as the one
+owner of the epoch and a loss built once; and bad input: knobs out of
 range or not finite, a resume with another length, learning rate, batch size or K, a resume from weights only or from
 NaN weights, a loss or weights that become NaN, Ctrl-C, SIGTERM (in a real subprocess), an error in the middle of a
 run, an unwritable out_dir, a corrupt latest.pt, stale temporaries, and a run folder with a planted symlink or a file
@@ -13,10 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from conftest import ROOT
-from flair_min.data import make_train_loader
+from flair_min.data import DataConfig, make_train_loader
 from flair_min.model import FLAIR, FlairConfig
 from flair_min import train as T
-from flair_min.cli import add_train_arguments, run_train, total_steps
 from flair_min.model import autocast
 from flair_min.losses import make_loss
 from ddp_train_worker import RUNS, global_batches, micro_batches, train_run
@@ -106,12 +107,12 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
 
 def test_checkpoint_loads_with_the_released_weights_loader(tmp_path):
-    from flair_min.checkpoint import read_checkpoint
+    from flair_min.checkpoint import read_checkpoint, unwrap_state_dict
     from flair_min.pretrained import create_model_and_transforms
     trainer = tiny_trainer(out_dir=str(tmp_path))
     trainer.fit(global_batches(steps=1), until=1)
     path = tmp_path / 'checkpoints' / 'latest.pt'
-    assert set(read_checkpoint(path)) == set(trainer.model.state_dict())        # weights_only=True, module. stripped
+    assert set(unwrap_state_dict(read_checkpoint(path))) == set(trainer.model.state_dict())   # module. stripped
     model, _, _ = create_model_and_transforms('tiny', pretrained=path)
     for (name, p), q in zip(trainer.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(p, q), name
@@ -190,6 +191,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 
 def test_run_train_on_toy_shards(tmp_path):
+    from flair_min.cli import add_train_arguments, run_train
     parser = add_train_arguments(argparse.ArgumentParser())
     argv = ['--data', 'toy', '--toy-samples', '16', '--model', '{"preset": "tiny", "vocab_size": 49408}',
             '--batch-size', '2', '--num-captions', '3', '--workers', '0', '--steps', '2', '--warmup', '1',
@@ -201,8 +203,6 @@ def test_run_train_on_toy_shards(tmp_path):
     assert {'history.json', 'loss_curve.png', 'latest.pt', 'step_00000001.pt', 'step_00000002.pt'} <= names
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['args']['loss'] == 'mps' and checkpoint['config']['vocab_size'] == 49408
-    with pytest.raises(ValueError, match='--epochs'):
-        total_steps(argparse.Namespace(steps=None, epochs=None, accum_steps=1), None)
 
 
 @pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(),
@@ -227,25 +227,33 @@ def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
 
 
 @pytest.mark.parametrize('knob, value, expected', [
-    ('grad_clip_norm', -1, 'grad_clip_norm=-1: expected a finite gradient norm > 0 to clip to, or None (no clipping)'),
-    ('grad_clip_norm', 0, 'grad_clip_norm=0: expected a finite gradient norm > 0'),
-    ('save_every', 0, 'save_every=0: expected a number of steps >= 1, or None'),
-    ('save_every', -5, 'save_every=-5'), ('lr', 0, 'lr=0: expected a finite learning rate > 0'),
+    ('grad_clip_norm', -1, 'grad_clip_norm=-1: expected a finite number > 0, or None'),
+    ('grad_clip_norm', 0, 'grad_clip_norm=0: expected a finite number > 0'),
+    ('save_every', 0, 'save_every=0: expected an int >= 1, or None'),
+    ('save_every', -5, 'save_every=-5'), ('lr', 0, 'lr=0: expected a finite number > 0'),
     ('lr', -1e-3, 'lr=-0.001'), ('lr', float('nan'), 'lr=nan'), ('eps', 0, 'eps=0: expected a finite number > 0'),
     ('weight_decay', -0.5, 'weight_decay=-0.5: expected a finite number >= 0'),
     ('betas', (0.9, 1.0), 'betas=(0.9, 1.0): expected two numbers in [0, 1)'), ('betas', (-0.1, 0.9), 'betas='),
     ('betas', (0.9,), 'betas=(0.9,)'), ('betas', 0.9, 'betas=0.9'), ('eval_every', 0, 'eval_every=0'),
-    ('loss_chunk_size', 0, 'loss_chunk_size=0: expected a number of images >= 1, or None'),
+    ('loss_chunk_size', 0, 'loss_chunk_size=0: expected an int >= 1, or None'),
     ('steps', 0, 'steps=0'), ('warmup', -1, 'warmup=-1'), ('lr', '1e-3', "lr='1e-3'"),
-    ('lr', math.inf, 'lr=inf: expected a finite learning rate > 0'), ('eps', math.inf, 'eps=inf: expected a finite'),
+    ('lr', math.inf, 'lr=inf: expected a finite number > 0'), ('eps', math.inf, 'eps=inf: expected a finite'),
     ('weight_decay', math.inf, 'weight_decay=inf: expected a finite number >= 0'),
-    ('grad_clip_norm', math.inf, 'grad_clip_norm=inf: expected a finite gradient norm > 0'),
+    ('grad_clip_norm', math.inf, 'grad_clip_norm=inf: expected a finite number > 0'),
     ('betas', (0.9, math.nan), 'betas=(0.9, nan)'), ('steps', math.inf, 'steps=inf'),
-    ('warmup', math.inf, 'warmup=inf'), ('save_every', math.inf, 'save_every=inf')])
+    ('warmup', math.inf, 'warmup=inf'), ('save_every', math.inf, 'save_every=inf'),
+    ('steps', 2.5, 'steps=2.5: expected an int >= 1'), ('seed', -1, 'seed=-1: expected an int >= 0')])
 def test_knobs_out_of_range_are_refused(knob, value, expected):
     with pytest.raises(ValueError) as e:
         T.TrainConfig(**{knob: value})
     assert expected in str(e.value)
+
+
+def test_every_bad_knob_is_named_in_one_error():
+    with pytest.raises(ValueError) as e:
+        T.TrainConfig(steps=0, lr=-1, grad_clip_norm=0)
+    assert str(e.value) == ('steps=0: expected an int >= 1; lr=-1: expected a finite number > 0; '
+                            'grad_clip_norm=0: expected a finite number > 0, or None')
 
 
 def test_optional_knobs_accept_none_and_their_smallest_values():
@@ -500,7 +508,7 @@ def test_an_error_in_the_middle_of_a_run_saves_the_last_finished_step(tmp_path, 
     resumed = tiny_trainer(out_dir=str(tmp_path), resume='latest', init_seed=7).fit(batches)
     assert resumed['loss'] == pytest.approx(straight['loss'], abs=1e-6)
     bad_tokens = [(images, texts + 1000) for images, texts in batches]     # beyond the tiny vocabulary
-    with pytest.raises(ValueError, match='vocab_size'):
+    with pytest.raises(ValueError, match='vocabulary has 1000 entries'):
         tiny_trainer(out_dir=str(tmp_path / 'fresh')).fit(bad_tokens)
     assert not (tmp_path / 'fresh' / 'checkpoints' / 'latest.pt').exists()   # no step done: nothing to save
 
@@ -625,3 +633,103 @@ def test_fused_adamw_takes_the_same_steps():
         for batch in global_batches(steps=3): trainer.train_step([batch])
         states.append(model.state_dict())
     for name, value in states[0].items(): torch.testing.assert_close(states[1][name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_the_loss_is_built_once(monkeypatch):
+    "A named loss is made once per run (its K from the first batch), not again at every step."
+    built = []
+    def counted(*args, **kwargs):
+        built.append(args)
+        return make_loss(*args, **kwargs)
+    monkeypatch.setattr(T, 'make_loss', counted)
+    tiny_trainer(steps=3, accum_steps=2).fit(micro_batches(global_batches(steps=3, num_captions=3), 2))
+    assert [args[:2] for args in built] == [('flair', 3)]
+
+
+class Told(list):
+    "Batches with the loader's epoch protocol: told each epoch by the trainer, skipped samples by kind."
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.told = []
+    def set_epoch(self, epoch): self.told.append(epoch)
+    def skipped(self): return {'bad_image': len(self.told), 'no_caption': 1}
+
+
+class OwnEpochs(Captioned):
+    "A dataset with a set_epoch of its own, which a plain DataLoader around it does not call."
+    told = []
+    def set_epoch(self, epoch): self.told.append(epoch)
+
+
+def test_the_trainer_tells_the_loader_each_epoch_and_counts_its_skips():
+    loader = Told(global_batches(steps=2))                          # 2 batches an epoch: 5 steps reach epoch 2
+    history = tiny_trainer(steps=5).fit(loader)
+    assert loader.told == [0, 1, 2]
+    assert history['skipped'] == [2, 2, 3, 3, 4]                   # the sum of skipped() when each step was done
+    plain = DataLoader(OwnEpochs(n=4), batch_size=2, drop_last=True)
+    assert tiny_trainer(steps=3).fit(plain)['skipped'] == [0, 0, 0] and OwnEpochs.told == []   # reseeded only
+
+
+def test_recipes_state_the_scale_of_each_official_run():
+    scale = {name: (r.gpus, r.gpus_in_scripts, r.samples, r.workers) for name, r in T.RECIPES.items()}
+    assert scale == {'cc3m': (8, None, 2_823_019, 48), 'cc12m': (32, None, 10_010_225, 48),
+                     'yfcc15m': (32, 8, 14_065_827, 48), 'merged30m': (32, 8, 27_000_000, 48)}
+    for r in T.RECIPES.values():   # OpenCLIP's webdataset loader: batches rounded up to a multiple of its workers
+        assert r.steps_per_epoch == math.ceil(math.ceil(r.samples / (r.batch_size * r.gpus)) / 48) * 48
+    assert [r.steps_per_epoch for r in T.RECIPES.values()] == [2784, 1632, 2304, 6624]
+
+
+def test_build_run_fills_both_configs_from_a_recipe():
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                                  # each recipe on its own scale: no warning
+        cc3m, data = T.build_run(FlairConfig(), 'cc3m', world=8, num_samples=2_823_019, num_workers=48)
+        merged, merged_data = T.build_run(FlairConfig(), T.RECIPES['merged30m'], world=32, num_samples=27_000_000,
+                                          num_workers=48)
+    assert cc3m == T.TrainConfig(steps=32 * 2784)                       # the defaults are CC3M's recipe
+    assert (data.batch_size, data.num_captions, data.image_size, data.context_length, data.seed) == (128, 8, 224, 77, 0)
+    assert (merged.steps, merged.eps, merged.weight_decay) == (32 * 6624, 1e-6, 0.2)
+    assert (merged_data.batch_size, merged_data.num_captions) == (128, 10)
+    with pytest.warns(UserWarning):
+        train, data = T.build_run(FlairConfig.tiny(), 'cc12m', steps=7, lr=1e-3, batch_size=None, num_captions=4,
+                                  precision='fp32', seed=5, out_dir='run', num_workers=0)
+    assert (train.steps, train.lr, train.weight_decay, train.precision, train.seed, train.out_dir) == \
+        (7, 1e-3, 0.5, 'fp32', 5, 'run')
+    assert (data.batch_size, data.num_captions, data.seed, data.image_size, data.context_length, data.num_workers) == \
+        (192, 4, 5, 32, 16, 0)                                          # None: unset; sizes: the model config's
+    train, data = T.build_run(FlairConfig.tiny(), steps=3)              # no recipe: the dataclasses' defaults
+    assert (train, data) == (T.TrainConfig(steps=3), DataConfig(image_size=32, context_length=16, seed=0))
+
+
+@pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(),
+                    reason='the toy world has not written data/toy yet')
+@pytest.mark.parametrize('world, workers, accum_steps, epochs', [(1, 0, 1, 1), (1, 2, 2, 2), (3, 2, 1, 1.5)])
+def test_build_run_counts_the_steps_of_flair_min_loader(world, workers, accum_steps, epochs):
+    train, data = T.build_run(FlairConfig.tiny(), epochs=epochs, world=world, num_samples=1001, batch_size=4,
+                              num_workers=workers, accum_steps=accum_steps)
+    loader = make_train_loader(str(ROOT / 'data' / 'toy' / 'toy-train-*.tar'), data, rank=0, world_size=world)
+    assert train.steps == int(epochs * len(loader)) // accum_steps
+
+
+def test_a_recipe_on_another_world_size_warns():
+    with pytest.warns(UserWarning, match=r'^the CC3M-recap recipe was trained on 8 GPUs; this run has 1 process\(es\), '
+                                         r'so its global batch \(128 images, official 1024\), the ring of negatives '
+                                         r'and the steps per epoch differ$'):
+        T.build_run(FlairConfig.tiny(), 'cc3m', steps=10)
+    with pytest.warns(UserWarning, match=r'on 32 GPUs \(its official Slurm script requests 8\); this run has 8'):
+        T.build_run(FlairConfig.tiny(), 'yfcc15m', world=8, steps=10)
+
+
+@pytest.mark.parametrize('settings, error, expected', [
+    (dict(steps=5, epochs=1), ValueError, 'steps=5 and epochs=1 both set the length of the run'),
+    (dict(), ValueError, 'epochs=None with num_samples=None: the run has no known length; give steps, or epochs '
+                         'with num_samples (the pairs of an epoch)'),
+    (dict(recipe='cc3m', world=8), ValueError, 'epochs=32 with num_samples=None: the run has no known length'),
+    (dict(recipe='laion', steps=5), ValueError, "recipe='laion': expected one of ['cc3m', 'cc12m'"),
+    (dict(steps=5, image_size=64), TypeError, "['image_size'] follow the model config"),
+    (dict(steps=5, batch_sise=4), TypeError, "unknown settings ['batch_sise']"),
+    (dict(steps=5, lr=-1), ValueError, 'lr=-1: expected a finite number > 0'),
+    (dict(steps=5, batch_size=0), ValueError, 'batch_size')])
+def test_build_run_refuses_bad_settings(settings, error, expected):
+    with pytest.raises(error) as e:
+        T.build_run(FlairConfig.tiny(), **settings)
+    assert expected in str(e.value)
