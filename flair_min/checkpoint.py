@@ -257,3 +257,22 @@ def _running(pid: int) -> bool:
     except ProcessLookupError: return False
     except PermissionError: pass        # it runs, as another user
     return True
+
+def prepare_run_folder(out_dir) -> Path:
+    "Create out_dir/checkpoints and test-write a file there (a clear error if that fails); remove stale temporaries."
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir={str(out_dir)!r} is a file; expected a folder for the run's checkpoints "
+                                 f"(or a path where one can be created)")
+    folder = out_dir / 'checkpoints'
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f'.write-test.{os.getpid()}.tmp'
+        probe.write_bytes(b'flair_min'); probe.unlink()
+    except OSError as e:
+        raise type(e)(f"out_dir={str(out_dir)!r}: cannot write in {folder} ({e.strerror or e}); "
+                      f"expected a folder this process can create and write to") from e
+    if stale := remove_stale_temporaries(folder):
+        print(f"removed {len(stale)} temporary file(s) left in {folder} by checkpoint writes that were killed: "
+              + ', '.join(p.name for p in stale), flush=True)
+    return folder

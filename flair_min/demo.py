@@ -18,7 +18,7 @@ from .checkpoint import save_checkpoint
 from .data import make_train_loader
 from .model import FLAIR, FlairConfig, check_fields, whole
 from .toyworld import ToyWorldConfig, load_eval_split, make_eval_split, save_eval_split, write_shards
-from .train import TrainConfig, plot_history, train
+from .train import Trainer, build_run, plot_history
 from .toy_eval import (comparison_table, eval_images, evaluate_toy_model, margins, object_sentences,
                                 own_image_maps, table_rows, tokenize_texts, tower_probes)
 
@@ -108,21 +108,24 @@ def prepare_toy_data(config: DemoConfig, data_dir=None) -> tuple[str, Path]:
     return str(data_dir / 'toy-train-*.tar'), split_path
 
 # %% ../nbs/15_demo.ipynb #a2408ca1
+def _run_configs(config: DemoConfig, loss: str = 'flair'):
+    "(TrainConfig, DataConfig) of a demo run, from the run builder every training path shares (09_train)."
+    return build_run(demo_model_config(config), steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                     warmup=min(config.warmup, config.steps), loss=loss, seed=config.seed, progress=config.progress,
+                     log_every=10, batch_size=config.batch_size, num_captions=config.num_captions,
+                     max_merged=config.max_merged, num_workers=config.workers,
+                     shuffle_buffer=0 if config.train_twins else 1000)
+
 def make_demo_loader(shards: str, config: DemoConfig):
     "The toy world's training batches: FLAIR's training transform at `image_size` px, K 77-token sub-captions."
-    return make_train_loader(shards, batch_size=config.batch_size, num_captions=config.num_captions,
-                             max_merged=config.max_merged, image_size=config.image_size, context_length=77,
-                             num_workers=config.workers, seed=config.seed,
-                             shuffle_buffer=0 if config.train_twins else 1000)
+    return make_train_loader(shards, _run_configs(config)[1])
 
 # %% ../nbs/15_demo.ipynb #f1a2b3c4
 def train_demo_model(loss: str, loader, config: DemoConfig) -> tuple[FLAIR, dict]:
     "A fresh toy FLAIR (initial weights from `config.seed`) trained with `loss` ('flair' or 'mps'): (model, history)."
     torch.manual_seed(config.seed)
     model = FLAIR(demo_model_config(config))
-    history = train(model, loader, TrainConfig(steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
-                                               warmup=min(config.warmup, config.steps), loss=loss, seed=config.seed,
-                                               progress=config.progress, log_every=10))
+    history = Trainer(model, _run_configs(config, loss)[0]).fit(loader)
     return model.eval(), history
 
 # %% ../nbs/15_demo.ipynb #03e5e111

@@ -8,6 +8,7 @@ __all__ = ['draw_negative_offsets', 'downsample_caption_indices', 'pair_labels',
            'make_loss']
 
 # %% ../nbs/04_losses.ipynb #d72b8079
+import os
 from typing import Callable
 
 import torch
@@ -119,6 +120,15 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 def rank_and_world() -> tuple[int, int]:
     "(rank, world size) of this process in the running torch.distributed process group; (0, 1) without one."
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    "Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend or ('nccl' if cuda else 'gloo'))
+    return rank_and_world()
 
 def in_process_group() -> bool:
     "Whether a torch.distributed process group of more than one process is running."

@@ -321,9 +321,6 @@ def split_world(split: dict) -> ToyWorldConfig:
     return ToyWorldConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in json.loads(str(split['config'])).items()})
 
-# %% ../nbs/08_toyworld.ipynb #9a597047
-eval_config = split_world   # its former name, while 14_toy_eval still imports it
-
 # %% ../nbs/08_toyworld.ipynb #0f5fb171
 def sample_record(scene: ToyScene, form: str = 'pixelprose') -> dict:
     "The json of one sample: PixelProse {'caption': str} or DreamLIP {'raw_caption': [...], 'longIB_captions': [...]}."

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['RECIPES', 'TrainConfig', 'Recipe', 'build_run', 'TrainingDiverged', 'Interrupted', 'Trainer', 'train', 'plot_history',
-           'init_distributed', 'write_run_summary']
+           'write_run_summary']
 
 # %% ../nbs/09_train.ipynb #d47517fb
 import contextlib, json, math, os, random, signal, sys, threading, time, warnings
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .model import (FLAIR, FlairConfig, autocast, check_fields, check_precision, check_token_ids, optional,
                              real, resolve_precision, whole)
 from .checkpoint import (atomic_write, check_finite, link_checkpoint, read_checkpoint,
-                                  load_state_dict_strict, nonfinite_tensors, remove_stale_temporaries, save_checkpoint,
+                                  load_state_dict_strict, nonfinite_tensors, prepare_run_folder, save_checkpoint,
                                   unwrap_state_dict)
 from .losses import DISTRIBUTED_LOSSES, LOSSES, make_loss, rank_and_world
 from .data import DataConfig
@@ -248,25 +248,6 @@ def resolve_device(device=None) -> torch.device:
     return (torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available()
             else torch.device('cpu'))
 
-def _prepare_out_dir(out_dir) -> Path:
-    "Create out_dir/checkpoints and test-write a file there (a clear error if that fails); remove stale temporaries."
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir={str(out_dir)!r} is a file; expected a folder for the run's checkpoints "
-                                 f"(or a path where one can be created)")
-    folder = out_dir / 'checkpoints'
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f'.write-test.{os.getpid()}.tmp'
-        probe.write_bytes(b'flair_min'); probe.unlink()
-    except OSError as e:
-        raise type(e)(f"out_dir={str(out_dir)!r}: cannot write in {folder} ({e.strerror or e}); "
-                      f"expected a folder this process can create and write to") from e
-    if stale := remove_stale_temporaries(folder):
-        print(f"removed {len(stale)} temporary file(s) left in {folder} by checkpoint writes that were killed: "
-              + ', '.join(p.name for p in stale), flush=True)
-    return folder
-
 # %% ../nbs/09_train.ipynb #7d87b330
 class TrainingDiverged(RuntimeError):
     "The loss (or the weights) of a training run became NaN or infinite: the run stopped before that update."
@@ -361,7 +342,7 @@ class Trainer:
     def __init__(self, model: FLAIR, config: TrainConfig | None = None):
         self.config = c = config or TrainConfig()
         self.rank, self.world = rank_and_world()
-        if c.out_dir and self.rank == 0: _prepare_out_dir(c.out_dir)     # fail now, not at the first save
+        if c.out_dir and self.rank == 0: prepare_run_folder(c.out_dir)   # fail now, not at the first save
         self.checkpoint_dir = Path(c.out_dir) / 'checkpoints' if c.out_dir else None
         self.device = resolve_device(c.device)
         self.model = model.to(self.device).train()
@@ -587,16 +568,6 @@ def plot_history(history: dict, ax=None, smooth: int = 1, label: str | None = No
     ax.plot(history['step'][len(history['step']) - len(loss):], loss, label=label)
     ax.set(xlabel='step', ylabel='loss', title='training loss')
     return ax
-
-# %% ../nbs/09_train.ipynb #270b3da5
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    "Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group(backend or ('nccl' if cuda else 'gloo'))
-    return rank_and_world()
 
 # %% ../nbs/09_train.ipynb #db973d3c
 def write_run_summary(out_dir, history: dict) -> None:

@@ -1,7 +1,7 @@
 """`flair-min` on bad input: one-line errors with exit status 2 (tracebacks with --debug and for bugs), options checked
 as they are parsed, output folders checked before the work, the model's vocabulary checked against the tokenizer, the
 stored config of a checkpoint used for evaluation, and the data's skip report at the end of training."""
-import json, subprocess, sys, warnings
+import argparse, json, subprocess, sys, warnings
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT
 import flair_min.cli as cli
-from flair_min.cli import load_for_eval, main
+from flair_min.cli import main
 from flair_min.checkpoint import StateDictMismatchError, save_checkpoint
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.tokenizer import get_tokenizer
@@ -124,6 +124,10 @@ def test_argparse_errors_are_one_line_too(capsys):
 
 # 2. eval: the checkpoint's stored config; a warning when the shapes are all there is; --model as train's
 
+def load_for_eval(model, path, device):
+    "What `flair-min eval` and `visualize` load: `--model` (or None) and `--pretrained`, through the one loader."
+    return cli._load_model(argparse.Namespace(model=model, pretrained=str(path), device=device))
+
 def test_stored_config_gives_the_original_logits(checkpoints):
     tmp, model = checkpoints
     with warnings.catch_warnings(record=True) as caught:
@@ -208,8 +212,9 @@ def test_table_is_printed_even_when_writing_fails(checkpoints, tmp_path, capsys,
 
 def test_train_refuses_a_vocabulary_smaller_than_the_tokenizer(tmp_path, capsys):
     code, _, err = run_main(train_argv(tmp_path / 'run', model='tiny'), capsys)
-    assert code == 2 and 'vocab_size=1000' in err
-    assert '''use a config with vocab_size 49408, e.g. --model '{"preset": "tiny", "vocab_size": 49408}''' in err
+    assert code == 2 and err.startswith("flair-min train: error: --model: texts: got token id 49407, but the model's "
+                                        "vocabulary has 1000 entries")
+    assert 'use a model with the CLIP vocabulary (49,408)' in err
     assert not (tmp_path / 'run').exists()   # the toy data was not written
 
 
@@ -485,10 +490,11 @@ def test_training_knobs_are_checked_before_the_work(tmp_path, capsys):
 
 def test_data_options_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
     "What DataConfig refuses (here a stand-in that refuses more than 64 workers) is refused before any work."
-    class FewWorkers(cli.DataConfig):
+    import flair_min.train
+    class FewWorkers(flair_min.train.DataConfig):
         def __post_init__(self):
             if self.num_workers > 64: raise ValueError(f'num_workers={self.num_workers}: expected at most 64')
-    monkeypatch.setattr(cli, 'DataConfig', FewWorkers)
+    monkeypatch.setattr(flair_min.train, 'DataConfig', FewWorkers)   # the run builder makes the DataConfig
     code, _, err = run_main(train_argv(tmp_path / 'run', '--workers', '65'), capsys)
     assert (code, err) == (2, 'flair-min train: error: num_workers=65: expected at most 64\n')
     assert not (tmp_path / 'run').exists()

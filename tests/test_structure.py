@@ -96,10 +96,12 @@ def test_front_door_is_exactly_all():
 def test_list_models_and_pretrained():
     assert flair_min.list_models() == ['ViT-B-16-FLAIR', 'tiny']
     for name in flair_min.list_models(): flair_min.FlairConfig.resolve(name)
-    released = flair_min.list_pretrained()
-    assert [r.filename for r in released] == ['flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt',
-                                              'flair-merged30m.pt']
-    assert {(r.repo, r.model) for r in released} == {('xiaorui638/flair', 'ViT-B-16-FLAIR')}
+    released = flair_min.list_pretrained()                     # open_clip's (model, tag) pairs
+    assert released == [('ViT-B-16-FLAIR', tag) for tag in ('cc3m-recap', 'cc12m-recap', 'yfcc15m-recap', 'merged30m')]
+    from flair_min.pretrained import get_pretrained_cfg
+    assert [get_pretrained_cfg(*pair)['filename'] for pair in released] == [
+        'flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt', 'flair-merged30m.pt']
+    assert {get_pretrained_cfg(*pair)['repo'] for pair in released} == {'xiaorui638/flair'}
 
 
 def test_the_front_door_is_plain_imports():
