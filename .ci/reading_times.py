@@ -4,15 +4,16 @@
     python .ci/reading_times.py --check   # exit 1 if the index quotes other figures
 
 An estimate, not a measurement: 200 words of prose and 15 lines of code a minute (directive lines `#| ...` and blank
-lines not counted), rounded to 5 minutes, at least 5. For `15_demo` the lesson (the cells before "The rest of this
-notebook builds") is counted apart from the whole notebook, since the course path reads the lesson.
+lines not counted), rounded to 5 minutes, at least 5. A method notebook's course time counts its cells before the
+one that says "The rest of this notebook" (the method and its exercises; `15_demo`: its lesson), apart from the whole
+notebook. The short path is `flair_in_one_notebook` and the demo's lesson.
 """
 import json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
-LESSON_END = 'The rest of this notebook builds'
+PATH_END = 'The rest of this notebook'   # where a method notebook's course path ends
 METHOD = ('00_tokenizer', '01_captions', '02_model', '04_losses', '10_retrieval', '12_localization', '13_pretrained',
           '15_demo')
 
@@ -29,8 +30,10 @@ def minutes(name: str, upto: str | None = None) -> int:
 
 
 def course_minutes(name: str) -> int:
-    "What the course path counts for `name`: 15_demo's lesson, every other notebook whole."
-    return minutes(name, LESSON_END if name == '15_demo' else None)
+    "What the course path counts for `name`: a method notebook up to its marker (if it has one), else all of it."
+    cells = json.loads((NBS / f'{name}.ipynb').read_text(encoding='utf-8'))['cells']
+    marked = name in METHOD and any(PATH_END in ''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+    return minutes(name, PATH_END if marked else None)
 
 
 def hours(m: int) -> str:
@@ -41,7 +44,11 @@ def estimates() -> dict:
     "{notebook: quoted reading time}, plus the totals of the method and the engineering notebooks."
     numbered = sorted(p.stem for p in NBS.glob('[0-9][0-9]_*.ipynb'))
     quoted = {n: f'{minutes(n)} min' for n in numbered}
-    quoted['15_demo'] = f"{course_minutes('15_demo')} min (the lesson); {minutes('15_demo')} min in all"
+    for n in METHOD:
+        if course_minutes(n) != minutes(n):
+            part = 'the lesson' if n == '15_demo' else 'the method and its exercises'
+            quoted[n] = f"{course_minutes(n)} min ({part}); {minutes(n)} min in all"
+    quoted['short path, in all'] = hours(minutes('flair_in_one_notebook') + course_minutes('15_demo'))
     quoted['method, in all'] = hours(sum(course_minutes(n) for n in METHOD))
     quoted['engineering, in all'] = hours(sum(minutes(n) for n in numbered if n not in METHOD))
     return quoted

@@ -19,7 +19,7 @@ from .model import FLAIR, FlairConfig, PRECISIONS, check_token_ids
 from .checkpoint import StateDictMismatchError, load_checkpoint
 from .losses import DISTRIBUTED_LOSSES, LOSSES, init_distributed
 from .cc3m import CC3M_RECAP, cc3m_recap_loader
-from .data import make_train_loader
+from .data import DataConfig, make_train_loader
 from .toyworld import write_shards
 from .train import (RECIPES, Interrupted, Trainer, TrainConfig, TrainingDiverged, _plain, build_run,
                              write_run_summary)
@@ -49,20 +49,17 @@ def demo_text_pipeline(caption: str = DEMO_CAPTION, k: int = 8, seed: int = 0, o
     print(f"first row: {ids[0, :max(lengths[0], 1)].tolist()}", file=out)
 
 # %% ../nbs/17_cli.ipynb #9b5942e6
-def _int_at_least(text: str, low: int) -> int:
-    "`text` as an integer that is at least `low`, or argparse's error saying what was expected."
-    try: value = int(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low: raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-    return value
+def _int_at_least(low: int):
+    "The argparse type of an integer that is at least `low`: its error says what was expected."
+    def parse(text: str) -> int:
+        try: value = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low: raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
 
-def positive_int(text: str) -> int:
-    "argparse type: an integer >= 1 (a batch size, a number of steps, captions or samples)."
-    return _int_at_least(text, 1)
-
-def nonnegative_int(text: str) -> int:
-    "argparse type: an integer >= 0 (worker processes, warm-up steps)."
-    return _int_at_least(text, 0)
+positive_int = _int_at_least(1)      # a batch size, a number of steps, captions or samples
+nonnegative_int = _int_at_least(0)   # worker processes, warm-up steps
 
 def _finite_float(text: str) -> float:
     "argparse type: a finite number (not nan, not inf)."
@@ -80,8 +77,8 @@ def positive_float(text: str) -> float:
 def _device(text: str) -> str:
     "argparse type: a torch device this machine has (cpu, cuda, cuda:1)."
     try: device = torch.device(text)
-    except RuntimeError: raise argparse.ArgumentTypeError(f"expected a device like cpu, cuda or cuda:1, got {text!r}"
-                                                          ) from None
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device like cpu, cuda or cuda:1, got {text!r}") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r} asks for a GPU, but torch sees none "
                                          f"(torch.cuda.is_available() is False); expected cpu")
@@ -113,36 +110,35 @@ def check_output_file(path, option: str) -> Path:
     return path
 
 # %% ../nbs/17_cli.ipynb #c960c7d3
+def _add_options(parser, rows) -> None:
+    "Declare (option, type, default, help) rows on `parser`; the type `bool` makes an on/off flag, off by default."
+    for option, kind, default, help in rows:
+        if kind is bool: parser.add_argument(option, action='store_true', help=help)
+        else: parser.add_argument(option, type=kind, default=default, help=help)
+
 def _add_data_arguments(parser):
     g = parser.add_argument_group('data')
     g.add_argument('--data', required=True,
                    help="shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, "
                         "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data/N-scenes on first use)")
-    g.add_argument('--batch-size', type=positive_int, default=None,
-                   help="images per step per process (default: the recipe's)")
-    g.add_argument('--num-captions', type=positive_int, default=None,
-                   help="K sub-captions per image (default: the recipe's)")
-    g.add_argument('--max-merged', type=positive_int, default=3,
-                   help='sentences per sub-caption: 1 .. max_merged (paper: 3)')
-    g.add_argument('--workers', type=nonnegative_int, default=2, help='DataLoader worker processes')
-    g.add_argument('--num-samples', type=positive_int, default=None,
-                   help='samples per epoch (default: one pass over the data)')
-    g.add_argument('--resampled', action='store_true',
-                   help='draw shards with replacement, forever (needs --num-samples)')
-    g.add_argument('--shuffle-buffer', type=nonnegative_int, default=2000,
-                   help='samples held by each worker to shuffle a shard stream')
-    g.add_argument('--caption-column', default=None, help='tables: the caption column')
-    g.add_argument('--image-column', default='image', help='tables: the image column')
-    g.add_argument('--toy-samples', type=positive_int, default=2000, help="--data toy: scenes to write")
+    _add_options(g, [
+        ('--batch-size', positive_int, None, "images per step per process (default: the recipe's)"),
+        ('--num-captions', positive_int, None, "K sub-captions per image (default: the recipe's)"),
+        ('--max-merged', positive_int, 3, 'sentences per sub-caption: 1 .. max_merged (paper: 3)'),
+        ('--workers', nonnegative_int, 2, 'DataLoader worker processes'),
+        ('--num-samples', positive_int, None, 'samples per epoch (default: one pass over the data)'),
+        ('--resampled', bool, False, 'draw shards with replacement, forever (needs --num-samples)'),
+        ('--shuffle-buffer', nonnegative_int, 2000, 'samples held by each worker to shuffle a shard stream'),
+        ('--caption-column', str, None, 'tables: the caption column'),
+        ('--image-column', str, 'image', 'tables: the image column'),
+        ('--toy-samples', positive_int, 2000, '--data toy: scenes to write')])
 
 def _add_model_arguments(parser):
-    g = parser.add_argument_group('model')
-    g.add_argument('--model', default='ViT-B-16-FLAIR',
-                   help='a preset name, a JSON file, or inline JSON {"preset": ..., fields}')
-    g.add_argument('--pretrained', default=None,
-                   help='initialise from this checkpoint (a released file or one of ours)')
-    g.add_argument('--force-image-size', type=positive_int, default=None,
-                   help="train at this image size; a checkpoint's patch grid is resampled to fit (03_checkpoint)")
+    _add_options(parser.add_argument_group('model'), [
+        ('--model', str, 'ViT-B-16-FLAIR', 'a preset name, a JSON file, or inline JSON {"preset": ..., fields}'),
+        ('--pretrained', str, None, 'initialise from this checkpoint (a released file or one of ours)'),
+        ('--force-image-size', positive_int, None,
+         "train at this image size; a checkpoint's patch grid is resampled to fit (03_checkpoint)")])
 
 # %% ../nbs/17_cli.ipynb #90637aa5
 def _add_recipe_arguments(parser):
@@ -174,16 +170,14 @@ def _add_recipe_arguments(parser):
     g.add_argument('--device', type=_device, default=None, help='default: cuda:LOCAL_RANK if available, else cpu')
 
 def _add_output_arguments(parser):
-    g = parser.add_argument_group('output')
-    g.add_argument('--out', default='runs/flair',
-                   help='run folder: checkpoints/, history.json, loss_curve.png, tensorboard/')
-    g.add_argument('--resume', default=None, help="a checkpoint to continue from, or 'latest' (OUT's, if any)")
-    g.add_argument('--overwrite', action='store_true',
-                   help="start afresh in an --out that holds another run, replacing its latest.pt and history")
-    g.add_argument('--keep-checkpoints', action='store_true', help='keep every checkpoint, not only latest.pt')
-    g.add_argument('--tensorboard', action='store_true',
-                   help='log scalars to OUT/tensorboard (needs the tensorboard package)')
-    g.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_options(parser.add_argument_group('output'), [
+        ('--out', str, 'runs/flair', 'run folder: checkpoints/, history.json, loss_curve.png, tensorboard/'),
+        ('--resume', str, None, "a checkpoint to continue from, or 'latest' (OUT's, if any)"),
+        ('--overwrite', bool, False,
+         'start afresh in an --out that holds another run, replacing its latest.pt and history'),
+        ('--keep-checkpoints', bool, False, 'keep every checkpoint, not only latest.pt'),
+        ('--tensorboard', bool, False, 'log scalars to OUT/tensorboard (needs the tensorboard package)'),
+        ('--no-progress', bool, False, 'no progress bar')])
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `flair-min train` on `parser` (a subparser)."
@@ -209,27 +203,15 @@ def _model_config(args) -> FlairConfig:
     except ValueError as e: raise ValueError(f"--model: {e}") from None
     return config
 
-_TRAIN_OPTIONS = ('lr', 'eps', 'weight_decay', 'warmup', 'loss', 'loss_chunk_size', 'accum_steps', 'precision',
-                  'grad_clip_norm', 'grad_checkpointing', 'seed', 'device', 'save_every', 'keep_checkpoints', 'resume',
-                  'log_every', 'tensorboard', 'distributed_loss')
-_DATA_OPTIONS = ('batch_size', 'num_captions', 'max_merged', 'shuffle_buffer', 'resampled', 'num_samples',
-                 'caption_column', 'image_column')
-
 def run_configs(args, model_config: FlairConfig, world: int = 1):
     "(TrainConfig, DataConfig) of the options: `build_run` with `--recipe`, the run's length and every option set."
     if args.steps is not None and args.epochs is not None:
         raise ValueError("--steps and --epochs both set the length of the run; expected one of them")
-    options = {name: getattr(args, name) for name in _TRAIN_OPTIONS + _DATA_OPTIONS}
-    return build_run(model_config, args.recipe, steps=args.steps, epochs=args.epochs, world=world,
-                     num_workers=args.workers, betas=tuple(args.betas), out_dir=args.out,
-                     progress=not args.no_progress, **options)
-
-def _build_model(args, config: FlairConfig) -> FLAIR:
-    "The model of `config`, seeded by `--seed`, initialised from `--pretrained` (refused if not finite)."
-    torch.manual_seed(args.seed)
-    model = FLAIR(config)
-    if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained), nonfinite='raise')
-    return model
+    fields = {f.name for config in (TrainConfig, DataConfig) for f in dataclasses.fields(config)}
+    options = {k: v for k, v in vars(args).items() if k in fields}   # the options named after a field, --steps too
+    return build_run(model_config, args.recipe, epochs=args.epochs, world=world, **{
+        **options, 'betas': tuple(args.betas), 'num_workers': args.workers, 'out_dir': args.out,
+        'progress': not args.no_progress})
 
 def _build_loader(args, data_config, rank: int, world: int):
     "The training loader of `--data` with `data_config`."
@@ -255,9 +237,11 @@ def run_train(args) -> dict:
     joined = not dist.is_initialized()
     rank, world = init_distributed()
     try:
-        model = _build_model(args, config)
+        torch.manual_seed(args.seed)                                 # the initial weights, unless --pretrained
+        model = FLAIR(config)
+        if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained), nonfinite='raise')
         loader = _build_loader(args, data_config, rank, world)
-        extra = {'args': {k: _plain(v) for k, v in vars(args).items() if k != 'func'}}
+        extra = {'args': {k: _plain(v) for k, v in vars(args).items()}}
         history = Trainer(model, train_config).fit(loader, extra=extra)
     finally:
         if joined and dist.is_initialized(): dist.destroy_process_group()
@@ -271,9 +255,6 @@ def run_train(args) -> dict:
 # %% ../nbs/17_cli.ipynb #f1611361
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `flair-min eval` on `parser`."
-    parser.add_argument('--model', default=None,
-                        help='a preset name (ViT-B-16-FLAIR), a JSON file, or inline JSON {"preset": ..., fields} '
-                             "(default: the checkpoint's stored config, else read off its tensor shapes)")
     parser.add_argument('--pretrained', required=True,
                         help="checkpoint: a released tag (cc3m-recap, ...; see list_pretrained) or a local path")
     parser.add_argument('--task', default=None, choices=('retrieval', 'segmentation'),
@@ -281,30 +262,29 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "default: the dataset's")
     parser.add_argument('--dataset', required=True, choices=[*BENCHMARKS, *SEGMENTATION_SETS],
                         help='benchmark to evaluate on')
-    parser.add_argument('--split', default=None,
-                        help="flickr30k: the annotation file's split, flickr30k_<split>.json (default: val, as the "
-                             "official evaluation and its published numbers)")
-    parser.add_argument('--force-image-size', type=positive_int, default=None,
-                        help='evaluate at this image size; the patch grid is resampled (03_checkpoint)')
     parser.add_argument('--root', required=True,
                         help="the benchmark's folder, in the official layout "
                              "(a wrong one fails with the expected layout)")
     parser.add_argument('--mode', default='flair', choices=MODES,
                         help='scoring: pooled per text (flair), top-k rescoring (topk), or global')
-    parser.add_argument('--topk', type=positive_int, default=128,
-                        help='texts rescored per image in topk mode (paper: 128 or 256)')
-    parser.add_argument('--batch-size', type=positive_int, default=64, help='images per batch')
-    parser.add_argument('--workers', type=nonnegative_int, default=4, help='image loading processes')
-    parser.add_argument('--chunk-size', type=positive_int, default=DEFAULT_CHUNK_SIZE,
-                        help='(image, text) pairs pooled at once: bounds the memory')
-    parser.add_argument('--device', type=_device, default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='cuda or cpu (cuda runs with float16 autocast)')
     parser.add_argument('--map', default='patch_cosine', choices=MAP_KINDS,
                         help='segmentation: the map that scores each patch for each class (12_localization)')
-    parser.add_argument('--background-threshold', type=_finite_float, default=None,
-                        help='voc21: pixels whose best class score is below this are background')
-    parser.add_argument('--output', default=None,
-                        help='JSON file for the results (default: eval_<dataset>_<mode>.json)')
+    _add_options(parser, [
+        ('--model', str, None, 'a preset name (ViT-B-16-FLAIR), a JSON file, or inline JSON {"preset": ..., fields} '
+                               "(default: the checkpoint's stored config, else read off its tensor shapes)"),
+        ('--split', str, None, "flickr30k: the annotation file's split, flickr30k_<split>.json (default: val, as "
+                               "the official evaluation and its published numbers)"),
+        ('--force-image-size', positive_int, None,
+         'evaluate at this image size; the patch grid is resampled (03_checkpoint)'),
+        ('--topk', positive_int, 128, 'texts rescored per image in topk mode (paper: 128 or 256)'),
+        ('--batch-size', positive_int, 64, 'images per batch'),
+        ('--workers', nonnegative_int, 4, 'image loading processes'),
+        ('--chunk-size', positive_int, DEFAULT_CHUNK_SIZE, '(image, text) pairs pooled at once: bounds the memory'),
+        ('--device', _device, 'cuda' if torch.cuda.is_available() else 'cpu',
+         'cuda or cpu (cuda runs with float16 autocast)'),
+        ('--background-threshold', _finite_float, None,
+         'voc21: pixels whose best class score is below this are background'),
+        ('--output', str, None, 'JSON file for the results (default: eval_<dataset>_<mode>.json)')])
     return parser
 
 def _load_model(args):
@@ -315,6 +295,8 @@ def _load_model(args):
     return model.eval(), preprocess
 
 # %% ../nbs/17_cli.ipynb #78104e72
+SEGMENTATION_SETS = {'voc20': dict(background=False), 'voc21': dict(background=True)}
+
 def run_eval(args: argparse.Namespace) -> dict:
     "Run `flair-min eval`: check the output, read the benchmark, load the model, score, print a table, write JSON."
     if args.task == 'retrieval' and args.dataset in SEGMENTATION_SETS:
@@ -336,9 +318,6 @@ def run_eval(args: argparse.Namespace) -> dict:
     output.write_text(json.dumps(results, indent=2))
     print(f"wrote {output}")
     return results
-
-# %% ../nbs/17_cli.ipynb #d669a0d0
-SEGMENTATION_SETS = {'voc20': dict(background=False), 'voc21': dict(background=True)}
 
 def run_segmentation_eval(args: argparse.Namespace) -> dict:
     "`flair-min eval --task segmentation`: zero-shot segmentation of PASCAL VOC; print, write JSON."
@@ -364,27 +343,25 @@ def run_segmentation_eval(args: argparse.Namespace) -> dict:
 # %% ../nbs/17_cli.ipynb #61a7534f
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "The options of `flair-min demo`; unset ones take the value of the preset (full, `--quick` or `--long`)."
-    parser.add_argument('--out', default=None, help="output folder (default: runs/demo)")
-    parser.add_argument('--quick', action='store_true', help='the two-minute variant (small world, short training)')
-    parser.add_argument('--ablate', action='store_true',
-                        help="the paper's ablation at toy scale (15_demo): five variants, seeds 0 and 1; one table")
-    parser.add_argument('--results', default=None, help='--ablate: where the table goes (default: results/ablation)')
-    parser.add_argument('--long', action='store_true',
-                        help='the 20-odd-minute variant: 48-pixel images, one patch per cell, 3,200 steps')
-    parser.add_argument('--seed', type=int, default=None, help='seed of the world, weights and data order (default: 0)')
-    parser.add_argument('--steps', type=positive_int, default=None, help='optimizer steps per model')
-    parser.add_argument('--batch-size', type=positive_int, default=None, help='images per step')
-    parser.add_argument('--num-captions', type=positive_int, default=None, help='K sub-captions per image')
-    parser.add_argument('--image-size', type=positive_int, default=None,
-                        help='pixels per side of the toy images (default: 64)')
-    parser.add_argument('--patch-size', type=positive_int, default=None, help='pixels per side of a patch (default: 8)')
-    parser.add_argument('--train-scenes', type=positive_int, default=None, help='toy training images')
-    parser.add_argument('--eval-scenes', type=positive_int, default=None, help='held-out evaluation images')
-    parser.add_argument('--threads', type=positive_int, default=None,
-                        help='torch threads (default: all cores, at most 8)')
-    parser.add_argument('--workers', type=nonnegative_int, default=None, help='data loader processes (default: 0)')
-    parser.add_argument('--no-plots', action='store_true', help='skip the figures')
-    parser.add_argument('--quiet', action='store_true', help='no progress bars')
+    _add_options(parser, [
+        ('--out', str, None, 'output folder (default: runs/demo)'),
+        ('--quick', bool, False, 'the two-minute variant (small world, short training)'),
+        ('--ablate', bool, False,
+         "the paper's ablation at toy scale (15_demo): five variants, seeds 0 and 1; one table"),
+        ('--results', str, None, '--ablate: where the table goes (default: results/ablation)'),
+        ('--long', bool, False, 'the 20-odd-minute variant: 48-pixel images, one patch per cell, 3,200 steps'),
+        ('--seed', int, None, 'seed of the world, weights and data order (default: 0)'),
+        ('--steps', positive_int, None, 'optimizer steps per model'),
+        ('--batch-size', positive_int, None, 'images per step'),
+        ('--num-captions', positive_int, None, 'K sub-captions per image'),
+        ('--image-size', positive_int, None, 'pixels per side of the toy images (default: 64)'),
+        ('--patch-size', positive_int, None, 'pixels per side of a patch (default: 8)'),
+        ('--train-scenes', positive_int, None, 'toy training images'),
+        ('--eval-scenes', positive_int, None, 'held-out evaluation images'),
+        ('--threads', positive_int, None, 'torch threads (default: all cores, at most 8)'),
+        ('--workers', nonnegative_int, None, 'data loader processes (default: 0)'),
+        ('--no-plots', bool, False, 'skip the figures'),
+        ('--quiet', bool, False, 'no progress bars')])
     return parser
 
 def run_demo_command(args: argparse.Namespace) -> dict:

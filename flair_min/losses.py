@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['draw_negative_offsets', 'downsample_caption_indices', 'pair_labels', 'text_conditioned_sigmoid_loss',
-           'multi_positive_sigmoid_loss', 'FlairLoss', 'flair_loss', 'ring_flair_losses', 'MultiPositiveLoss',
-           'make_loss']
+           'multi_positive_sigmoid_loss', 'FlairLoss', 'flair_loss', 'MultiPositiveLoss', 'make_loss',
+           'ring_flair_losses']
 
 # %% ../nbs/04_losses.ipynb #d72b8079
 import os
@@ -94,41 +94,10 @@ def downsampled_tcs_loss(visual_proj, text_features, image_tokens, caption_indic
                     for tokens, idx, y in chunks)
     return total / caption_indices.shape[1]
 
-# %% ../nbs/04_losses.ipynb #283daaec
-class AllGather(torch.autograd.Function):
-    "All-gather along dim 0 with gradient: backward sums every rank's gradient and keeps this rank's rows."
-    @staticmethod
-    def forward(ctx, tensor):
-        "(W·N, ...) every rank's tensor in rank order."
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]   # W × (N, ...)
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rows = tensor.shape[0]
-        return torch.cat(parts)                                                     # (W·N, ...)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        "∂(Σ_r loss_r)/∂(this rank's tensor): the gathered gradient summed over ranks, this rank's rows."
-        grad = grad.clone(memory_format=torch.contiguous_format)                    # all_reduce works in place
-        dist.all_reduce(grad)                                                       # (W·N, ...) summed over ranks
-        return grad.narrow(0, dist.get_rank() * ctx.rows, ctx.rows)                 # (N, ...)
-
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    "Every rank's `tensor` (N, ...) concatenated in rank order (W·N, ...), differentiably; same N on every rank."
-    return AllGather.apply(tensor)
-
+# %% ../nbs/04_losses.ipynb #e374c5d4
 def rank_and_world() -> tuple[int, int]:
     "(rank, world size) of this process in the running torch.distributed process group; (0, 1) without one."
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    "Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group(backend or ('nccl' if cuda else 'gloo'))
-    return rank_and_world()
 
 def in_process_group() -> bool:
     "Whether a torch.distributed process group of more than one process is running."
@@ -226,6 +195,35 @@ def flair_loss(model, images, texts, num_captions: int, add_mps: bool = True, ne
     return FlairLoss(num_captions, add_mps, chunk_size)(**model(images, texts), negative_offsets=negative_offsets,
                                                         generator=generator)
 
+# %% ../nbs/04_losses.ipynb #9fbf3365
+LOSSES = ('flair', 'tcs', 'mps')   # the losses make_loss knows by name
+
+# %% ../nbs/04_losses.ipynb #f77b2bc8
+class MultiPositiveLoss(nn.Module):
+    "The global multi-positive sigmoid loss alone: FLAIR's towers trained without text-conditioned pooling."
+    def __init__(self, num_captions: int, distributed: bool | None = None):
+        super().__init__()
+        self.num_captions, self.distributed = num_captions, distributed
+        check_fields(self, {'num_captions': _LOSS_RULES['num_captions']})
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, generator=None, **kwargs):
+        B, K = image_features.shape[0], self.num_captions
+        if text_features.shape[0] != B * K:
+            raise ValueError(f"text_features must hold num_captions={K} texts per image: expected {B * K} rows, "
+                             f"got {text_features.shape[0]}")
+        texts, rank, world = distributed_texts(text_features, self.distributed)
+        images = torch.arange(B, device=texts.device) + rank * B  # global indices of this rank's images
+        labels = pair_labels(torch.arange(texts.shape[0], device=texts.device)[None], K, images)  # (B, W·B·K)
+        return multi_positive_sigmoid_loss(image_features, texts, labels, logit_scale, logit_bias) * world
+
+def make_loss(loss, num_captions: int, chunk_size: int | None = None, distributed: str | None = None) -> Callable:
+    "The loss callable for a name in LOSSES ('flair', 'tcs', 'mps'); a callable is returned as it is."
+    if callable(loss): return loss
+    if loss == 'flair': return FlairLoss(num_captions, add_mps=True, chunk_size=chunk_size, distributed=distributed)
+    if loss == 'tcs': return FlairLoss(num_captions, add_mps=False, chunk_size=chunk_size, distributed=distributed)
+    if loss == 'mps': return MultiPositiveLoss(num_captions)
+    raise ValueError(f"loss={loss!r}: expected one of {LOSSES} or a callable")
+
 # %% ../nbs/04_losses.ipynb #a7eddba4
 def negatives_only_loss(image_features, image_tokens, other_downsampled_texts, other_text_features, logit_scale,
                         logit_bias, visual_proj, add_mps: bool = True, chunk_size: int | None = None):
@@ -266,6 +264,16 @@ def ring_flair_losses(image_features, image_tokens, text_features, negative_offs
                                               logit_scale, logit_bias, visual_proj, add_mps)
         losses.append(loss)
     return losses
+
+# %% ../nbs/04_losses.ipynb #fa5e14a3
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    "Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK): NCCL on GPUs, gloo on the CPU; (rank, world)."
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend or ('nccl' if cuda else 'gloo'))
+    return rank_and_world()
 
 # %% ../nbs/04_losses.ipynb #9d48da87
 def _send_and_receive(to_ranks, from_ranks, tensors):
@@ -319,31 +327,25 @@ def ring_flair_loss_of_rank(image_features, image_tokens, text_features, negativ
                                           logit_bias, visual_proj, add_mps, chunk_size)
     return loss  # not × W, as the official: DDP's average makes the step follow ∇ (1/W) Σ_r loss_r
 
-# %% ../nbs/04_losses.ipynb #9fbf3365
-LOSSES = ('flair', 'tcs', 'mps')   # the losses make_loss knows by name
+# %% ../nbs/04_losses.ipynb #7e6fe790
+class AllGather(torch.autograd.Function):
+    "All-gather along dim 0 with gradient: backward sums every rank's gradient and keeps this rank's rows."
+    @staticmethod
+    def forward(ctx, tensor):
+        "(W·N, ...) every rank's tensor in rank order."
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]   # W × (N, ...)
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)                                                     # (W·N, ...)
 
-# %% ../nbs/04_losses.ipynb #f77b2bc8
-class MultiPositiveLoss(nn.Module):
-    "The global multi-positive sigmoid loss alone: FLAIR's towers trained without text-conditioned pooling."
-    def __init__(self, num_captions: int, distributed: bool | None = None):
-        super().__init__()
-        self.num_captions, self.distributed = num_captions, distributed
-        check_fields(self, {'num_captions': _LOSS_RULES['num_captions']})
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        "∂(Σ_r loss_r)/∂(this rank's tensor): the gathered gradient summed over ranks, this rank's rows."
+        grad = grad.clone(memory_format=torch.contiguous_format)                    # all_reduce works in place
+        dist.all_reduce(grad)                                                       # (W·N, ...) summed over ranks
+        return grad.narrow(0, dist.get_rank() * ctx.rows, ctx.rows)                 # (N, ...)
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias, generator=None, **kwargs):
-        B, K = image_features.shape[0], self.num_captions
-        if text_features.shape[0] != B * K:
-            raise ValueError(f"text_features must hold num_captions={K} texts per image: expected {B * K} rows, "
-                             f"got {text_features.shape[0]}")
-        texts, rank, world = distributed_texts(text_features, self.distributed)
-        images = torch.arange(B, device=texts.device) + rank * B  # global indices of this rank's images
-        labels = pair_labels(torch.arange(texts.shape[0], device=texts.device)[None], K, images)  # (B, W·B·K)
-        return multi_positive_sigmoid_loss(image_features, texts, labels, logit_scale, logit_bias) * world
-
-def make_loss(loss, num_captions: int, chunk_size: int | None = None, distributed: str | None = None) -> Callable:
-    "The loss callable for a name in LOSSES ('flair', 'tcs', 'mps'); a callable is returned as it is."
-    if callable(loss): return loss
-    if loss == 'flair': return FlairLoss(num_captions, add_mps=True, chunk_size=chunk_size, distributed=distributed)
-    if loss == 'tcs': return FlairLoss(num_captions, add_mps=False, chunk_size=chunk_size, distributed=distributed)
-    if loss == 'mps': return MultiPositiveLoss(num_captions)
-    raise ValueError(f"loss={loss!r}: expected one of {LOSSES} or a callable")
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    "Every rank's `tensor` (N, ...) concatenated in rank order (W·N, ...), differentiably; same N on every rank."
+    return AllGather.apply(tensor)

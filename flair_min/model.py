@@ -92,7 +92,7 @@ class FlairConfig:
 
     @classmethod
     def from_name(cls, name: str) -> 'FlairConfig':
-        "A named preset: 'ViT-B-16-FLAIR' or 'tiny' (see `list_models`)."
+        "A named preset: 'ViT-B-16-FLAIR', 'tiny' or 'FLAIR-toy' (see `list_models`)."
         if not isinstance(name, str) or name not in _PRESETS:
             raise ValueError(f"unknown model name {name!r}: expected one of {sorted(_PRESETS)} or a FlairConfig")
         return _PRESETS[name]()
@@ -130,7 +130,11 @@ def _config_fields(config) -> dict:
         raise ValueError(f"expected a JSON object of FlairConfig fields, got a {type(fields_).__name__}")
     return fields_
 
-_PRESETS = {'ViT-B-16-FLAIR': FlairConfig, 'tiny': FlairConfig.tiny}
+_PRESETS = {'ViT-B-16-FLAIR': FlairConfig, 'tiny': FlairConfig.tiny,
+            # the toy world's FLAIR (15_demo): 64-px images in 8-px patches, width 64, CLIP's 77-token texts
+            'FLAIR-toy': lambda: FlairConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=64,
+                                             vision_layers=3, vision_heads=1, text_width=64, text_layers=2,
+                                             text_heads=1)}
 
 def list_models() -> list[str]:
     "The names of the model presets `FlairConfig.resolve` and `create_model` accept."

@@ -7,6 +7,7 @@ __all__ = ['list_pretrained', 'get_pretrained_cfg', 'create_model', 'create_mode
 
 # %% ../nbs/13_pretrained.ipynb #0a4aa775
 import dataclasses, os, warnings
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -19,6 +20,10 @@ from .checkpoint import (HF_REPO, config_from_state_dict, download_weights_from_
 _PRETRAINED = {('ViT-B-16-FLAIR', tag): {'repo': HF_REPO, 'filename': f'flair-{tag}.pt', 'data': data, 'pairs': pairs}
                for tag, data, pairs in (('cc3m-recap', 'CC3M-recap', '2.8M'), ('cc12m-recap', 'CC12M-recap', '10M'),
                                         ('yfcc15m-recap', 'YFCC15M-recap', '15M'), ('merged30m', 'Merged-30M', '30M'))}
+# the toy world's FLAIR, shipped with flair_min (half precision, 6 MB): `python benchmarks/toy_model.py` makes it
+_PRETRAINED['FLAIR-toy', 'toyworld'] = {'repo': None, 'filename': 'flair-toy.pt', 'data': 'the toy world (08_toyworld)',
+                                        'pairs': '4,000 scenes',
+                                        'path': Path(str(files('flair_min') / 'assets' / 'flair-toy.pt'))}
 
 # %% ../nbs/13_pretrained.ipynb #fc608d2b
 def list_pretrained() -> list[tuple[str, str]]:
@@ -45,6 +50,7 @@ def resolve_pretrained(pretrained, model_name=None, cache_dir=None) -> Path:
     if Path(pretrained).is_file(): return Path(pretrained)
     if release := _release(str(pretrained), model_name):
         cfg = get_pretrained_cfg(*release)
+        if cfg.get('path'): return Path(cfg['path'])          # shipped inside the package: nothing to download
         return Path(download_weights_from_hf(cfg['repo'], cfg['filename'], cache_dir=cache_dir))
     what = (f"not released for {model_name!r}" if _release(str(pretrained))
             else "neither a checkpoint file nor a released tag or file name")

@@ -78,7 +78,7 @@ def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str
 
 # %% ../nbs/00_tokenizer.ipynb #78488190
 def bpe_merge_fast(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    "`bpe_merge` with a heap of candidate pairs: the same merges in the same order, O(n log n) for n symbols."
+    "`bpe_merge` with a heap of candidate pairs: the same merges in the same order, a log-time cost per merge."
     word, n = list(symbols), len(symbols)                 # word[j] becomes None once merged into its left neighbour
     nxt, prev = list(range(1, n + 1)), list(range(-1, n - 1))   # linked list over live positions (n, -1: none)
     heap = [(ranks[pair], i) for i, pair in enumerate(zip(word, word[1:])) if pair in ranks]
@@ -166,7 +166,7 @@ class SimpleTokenizer:
         return torch.tensor(rows, dtype=torch.long).reshape(len(texts), n)  # (N, n)
 
 # %% ../nbs/00_tokenizer.ipynb #50e9c9e4
-MODEL_CONTEXT_LENGTHS = {'ViT-B-16-FLAIR': 77, 'tiny': 16}   # the presets of 02_model (list_models)
+MODEL_CONTEXT_LENGTHS = {'ViT-B-16-FLAIR': 77, 'tiny': 16, 'FLAIR-toy': 77}   # the presets of 02_model
 
 @lru_cache(maxsize=None)
 def _shared_tokenizer(context_length: int) -> SimpleTokenizer:

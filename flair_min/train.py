@@ -132,10 +132,10 @@ def build_run(model_config: FlairConfig, recipe: 'str | Recipe | None' = None, *
                       f"process(es), so its global batch ({data.batch_size * world} images, official "
                       f"{recipe.batch_size * recipe.gpus}), the ring of negatives and the steps per epoch differ")
     epochs = recipe.epochs if epochs is None and recipe else epochs
-    if steps is None and (epochs is None or data.num_samples is None):
-        raise ValueError(f"epochs={epochs} with num_samples={data.num_samples}: the run has no known length; "
-                         f"give steps, or epochs with num_samples (the pairs of an epoch)")
     if steps is None:   # epochs × flair_min's batches per epoch of num_samples pairs on `world` processes
+        if epochs is None or data.num_samples is None:
+            raise ValueError(f"epochs={epochs} with num_samples={data.num_samples}: the run has no known length; "
+                             f"give steps, or epochs with num_samples (the pairs of an epoch)")
         steps = int(epochs * _epoch_batches(data.num_samples, data.batch_size, world, data.num_workers))
         steps = max(1, steps // knobs.get('accum_steps', 1))
     return TrainConfig(steps=steps, **{k: v for k, v in knobs.items() if k in train_names}), data
@@ -178,10 +178,6 @@ def derive_seed(*values: int) -> int:
     "A well-mixed 63-bit seed that is a pure function of some non-negative integers (NumPy's SeedSequence)."
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    "The CPU generator of step `step`'s random draws (the negatives): a pure function of (seed, step)."
-    return torch.Generator().manual_seed(derive_seed(seed, step))
-
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     "(images (B, 3, S, S), texts (B, K, T)) from a loader's (images, texts, ...) tuple or {'images', 'texts'} dict."
     images, texts = (batch['images'], batch['texts']) if isinstance(batch, dict) else batch[:2]
@@ -194,7 +190,8 @@ def accumulate_gradients(model, loss_fn, micro_batches, generator_seed: tuple[in
                          amp=contextlib.nullcontext, no_sync=None) -> torch.Tensor:
     "Back-propagate the loss of the whole batch (the concatenated micro-batches) micro-batch by micro-batch; return it."
     forward = lambda images, texts: model(images, texts.flatten(0, 1))   # texts (B·K, T): image i's are rows i·K ..
-    loss_of = lambda out: loss_fn(**out, generator=step_generator(*generator_seed))   # the same negatives in every pass
+    generator = lambda: torch.Generator().manual_seed(derive_seed(*generator_seed))   # the step's random negatives
+    loss_of = lambda out: loss_fn(**out, generator=generator())                       # the same ones in every pass
     if len(micro_batches) == 1:
         with amp(): loss = loss_of(forward(*micro_batches[0]))
         scaler.scale(loss).backward()

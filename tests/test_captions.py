@@ -141,7 +141,7 @@ def test_sampling_errors(call, error, message):
 
 # ---------------------------------------------------------------- statistical checks
 # Each check takes a string-level sampler(sentences, k, max_merged, rng) -> list[str] and returns True when
-# the sampler's output is consistent with the sampling rule of `01_captions` §3.
+# the sampler's output is consistent with the sampling rule of `01_captions` §2.
 # Seeds are fixed, so every outcome is deterministic.
 
 def draw(sampler, n, k, max_merged=3, rng=0):
@@ -215,7 +215,7 @@ def replacement_ok(sampler) -> bool:
 
 
 def exact_law(n, m):
-    "Probability of every index tuple of one sub-caption, enumerated from the sampling rule (01_captions §3)."
+    "Probability of every index tuple of one sub-caption, enumerated from the sampling rule (01_captions §2)."
     law = Counter()
     for s in range(1, m + 1):
         if s == 1:
@@ -249,7 +249,7 @@ def test_sample_subcaptions_passes(check):
 # ------------------------------------------ deliberately wrong samplers: the checks must reject them
 
 def make_sampler(bug=None):
-    "A string-level diverse sampler written from the sampling rule (01_captions §3), with at most one deliberate bug."
+    "A string-level diverse sampler written from the sampling rule (01_captions §2), with at most one deliberate bug."
     def sampler(sentences, k, max_merged=3, rng=None):
         rng, n, out = make_rng(rng), len(sentences), []
         for _ in range(k):

@@ -94,14 +94,16 @@ def test_front_door_is_exactly_all():
 
 
 def test_list_models_and_pretrained():
-    assert flair_min.list_models() == ['ViT-B-16-FLAIR', 'tiny']
+    assert flair_min.list_models() == ['FLAIR-toy', 'ViT-B-16-FLAIR', 'tiny']
     for name in flair_min.list_models(): flair_min.FlairConfig.resolve(name)
     released = flair_min.list_pretrained()                     # open_clip's (model, tag) pairs
-    assert released == [('ViT-B-16-FLAIR', tag) for tag in ('cc3m-recap', 'cc12m-recap', 'yfcc15m-recap', 'merged30m')]
+    assert released == [('ViT-B-16-FLAIR', tag) for tag in ('cc3m-recap', 'cc12m-recap', 'yfcc15m-recap', 'merged30m')
+                        ] + [('FLAIR-toy', 'toyworld')]
     from flair_min.pretrained import get_pretrained_cfg
-    assert [get_pretrained_cfg(*pair)['filename'] for pair in released] == [
+    assert [get_pretrained_cfg(*pair)['filename'] for pair in released[:4]] == [
         'flair-cc3m-recap.pt', 'flair-cc12m-recap.pt', 'flair-yfcc15m-recap.pt', 'flair-merged30m.pt']
-    assert {get_pretrained_cfg(*pair)['repo'] for pair in released} == {'xiaorui638/flair'}
+    assert {get_pretrained_cfg(*pair)['repo'] for pair in released[:4]} == {'xiaorui638/flair'}
+    assert get_pretrained_cfg('FLAIR-toy', 'toyworld')['path'].is_file()     # shipped inside the package
 
 
 def test_the_front_door_is_plain_imports():

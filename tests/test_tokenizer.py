@@ -179,7 +179,7 @@ def test_pickles_for_dataloader_workers(tok):
 
 
 def test_junction_piece_merges(tok):
-    # '?.' is one regex piece that BPE merges into one token (00_tokenizer §4, 01_captions §6)
+    # '?.' is one regex piece that BPE merges into one token (00_tokenizer §4; 01_captions §2 joins sentences with ". ")
     assert list(tok.encode('Is it a dog?. Yes'))[-3:] == [1929, 41251, 1958]
 
 
