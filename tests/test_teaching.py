@@ -143,12 +143,42 @@ def math_of(path: Path) -> list:
     return [m for c in cells(path) if c['cell_type'] == 'markdown' for m in re.findall(r'\$\$?([^$]+)\$\$?', src(c))]
 
 
+# Symbols the notation table (nbs/index.ipynb) gives one meaning, and the ways notebooks once gave them another.
+REDEFINED = {
+    r'(?<![\\\w])u\s*\\leftarrow|(?<![\\\w])u_\{?i[,\\}]|(?<![\\\w])u_\{?i\\ell|(?<![\\\w])u_[ic]\s*=|(?<![\\\w])u_\{ic':
+        'u is a sentence of a long caption only (r: the residual stream; bars: tower outputs; w: pooling values)',
+    r'(?<![\\\w])a\^\{\(h\)\}|(?<![\\\w])a_\{ic|(?<![\\\w])\w*\(a\)':
+        'a is a sentence index only (attention weights are alpha)',
+    r'\\kappa_\{?i|\\kappa\^': 'keys are k_{i,l}; kappa is a class index',
+    r'W_\{?(\\mathrm\s*\{?\s*)?[qkv]\}?\}?\s*(\\,)?\s*\\(operatorname|mathrm)\{\s*LN':
+        'the pooling projections are row vectors: LN_q(t_c) W_q^T, not W_q LN_q(t_c)',
+    r'C_\{cc|\^\{?C\}?(?![\w])|\\frac\{1\}\{C\}|\\text\{IoU\}_c(?![\w])':
+        'C is the confusion matrix; n_C the number of classes, kappa a class index',
+}
+
+
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_one_notation(path):
-    "M is not a symbol (it had five meanings); the scale is written e^s, never e^{logit_scale}."
+    "One symbol, one meaning: M is no symbol, the scale is e^s, and no notebook redefines a symbol of the table."
     for m in math_of(path):
         assert not re.search(r'(?<![\\\w])M(?![\w])', m), f'{path.name}: the symbol M in ${m}$'
         assert 'logit\\_scale' not in m and 'logit_scale' not in m, f'{path.name}: write e^s, not ${m}$'
+        for pattern, meaning in REDEFINED.items():
+            assert not re.search(pattern, m), f'{path.name}: ${m[:80]}$ — {meaning}'
+    for c in cells(path):
+        assert not re.search(r'keys\s*=\s*values', src(c)), f'{path.name}: keys and values are two projections'
+
+
+def test_one_notation_catches_redefinitions():
+    "Each forbidden form is caught (the forms the notebooks used before the notation was made one)."
+    old = [r'u \leftarrow u + \operatorname{Attn}(u)', r'u_{i,0}, \dots, u_{i,L}', r'u_c = \operatorname{LN}(x)',
+           r'u_{i\ell}', r'a^{(h)}_{ic\ell}', r'a_{ic,L+1}', r'\operatorname{MLP}(a)', r'\kappa_{i\ell}',
+           r'q_c = W_{\mathrm q}\,\mathrm{LN}_{\mathrm q}(t_c)', r'C_{cc\'}', r'\text{IoU}_c = 1',
+           r'\frac{1}{C}\sum_c']
+    for m in old: assert any(re.search(p, m) for p in REDEFINED), m
+    for m in [r'u_{a_1}, u_{a_1+1}', r'u_0, \dots, u_{n-1}', r'\alpha^{(h)}_{ic,\ell}', r't_\kappa', r'k_{i,\ell}',
+              r'q_c = \operatorname{LN}_q(t_c)\,W_q^\top + \beta_q', r'\text{IoU}_\kappa', r'\frac{1}{n_C}']:
+        assert not any(re.search(p, m) for p in REDEFINED), m
 
 
 def test_notation_table_in_index():
