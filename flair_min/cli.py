@@ -49,30 +49,20 @@ def demo_text_pipeline(caption: str = DEMO_CAPTION, k: int = 8, seed: int = 0, o
     print(f"first row: {ids[0, :max(lengths[0], 1)].tolist()}", file=out)
 
 # %% ../nbs/17_cli.ipynb #9b5942e6
-def _int_at_least(low: int):
-    "The argparse type of an integer that is at least `low`: its error says what was expected."
-    def parse(text: str) -> int:
-        try: value = int(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low: raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+def _number(integer: bool, low: float | None = None):
+    "The argparse type of an integer >= `low`, or of a finite number > `low` (None: any): its error says which."
+    what, bound = ('an integer', 'an integer >=') if integer else ('a finite number', 'a number >')
+    def parse(text: str):
+        try: value = int(text) if integer else float(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (integer or math.isfinite(value)): raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        if low is not None and (value < low if integer else value <= low):
+            raise argparse.ArgumentTypeError(f"expected {bound} {low}, got {text}")
         return value
     return parse
 
-positive_int = _int_at_least(1)      # a batch size, a number of steps, captions or samples
-nonnegative_int = _int_at_least(0)   # worker processes, warm-up steps
-
-def _finite_float(text: str) -> float:
-    "argparse type: a finite number (not nan, not inf)."
-    try: value = float(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
-    if not math.isfinite(value): raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
-
-def positive_float(text: str) -> float:
-    "argparse type: a finite number > 0 (epochs, a learning rate)."
-    value = _finite_float(text)
-    if not value > 0: raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+positive_int, nonnegative_int = _number(True, 1), _number(True, 0)   # sizes, steps, counts; workers, warm-up steps
+positive_float, _finite_float = _number(False, 0), _number(False)    # epochs, a learning rate; betas, a threshold
 
 def _device(text: str) -> str:
     "argparse type: a torch device this machine has (cpu, cuda, cuda:1)."
@@ -110,18 +100,19 @@ def check_output_file(path, option: str) -> Path:
     return path
 
 # %% ../nbs/17_cli.ipynb #c960c7d3
-def _add_options(parser, rows) -> None:
-    "Declare (option, type, default, help) rows on `parser`; the type `bool` makes an on/off flag, off by default."
+def _add_options(parser, rows):
+    "Declare (option, type, default, help) rows: type bool makes a flag, a tuple the choices; default ... is required."
     for option, kind, default, help in rows:
-        if kind is bool: parser.add_argument(option, action='store_true', help=help)
-        else: parser.add_argument(option, type=kind, default=default, help=help)
+        how = {'action': 'store_true'} if kind is bool else {'choices' if isinstance(kind, tuple) else 'type': kind}
+        how |= {'required': True} if default is ... else {'default': default}
+        parser.add_argument(option, help=help, **how)
+    return parser
 
-def _add_data_arguments(parser):
-    g = parser.add_argument_group('data')
-    g.add_argument('--data', required=True,
-                   help="shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, "
-                        "parquet file(s), or 'toy' (the toy world, written to OUT/toy-data/N-scenes on first use)")
-    _add_options(g, [
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Declare the options of `flair-min train` on `parser` (a subparser)."
+    _add_options(parser.add_argument_group('data'), [
+        ('--data', str, ..., "shards (path, brace pattern or folder of .tar), 'cc3m-recap', an image folder, parquet "
+                             "file(s), or 'toy' (the toy world, written to OUT/toy-data/N-scenes on first use)"),
         ('--batch-size', positive_int, None, "images per step per process (default: the recipe's)"),
         ('--num-captions', positive_int, None, "K sub-captions per image (default: the recipe's)"),
         ('--max-merged', positive_int, 3, 'sentences per sub-caption: 1 .. max_merged (paper: 3)'),
@@ -132,44 +123,33 @@ def _add_data_arguments(parser):
         ('--caption-column', str, None, 'tables: the caption column'),
         ('--image-column', str, 'image', 'tables: the image column'),
         ('--toy-samples', positive_int, 2000, '--data toy: scenes to write')])
-
-def _add_model_arguments(parser):
     _add_options(parser.add_argument_group('model'), [
         ('--model', str, 'ViT-B-16-FLAIR', 'a preset name, a JSON file, or inline JSON {"preset": ..., fields}'),
         ('--pretrained', str, None, 'initialise from this checkpoint (a released file or one of ours)'),
         ('--force-image-size', positive_int, None,
          "train at this image size; a checkpoint's patch grid is resampled to fit (03_checkpoint)")])
-
-# %% ../nbs/17_cli.ipynb #90637aa5
-def _add_recipe_arguments(parser):
-    d, g = TrainConfig(), parser.add_argument_group('recipe (defaults: the released models)')
-    g.add_argument('--recipe', choices=list(RECIPES), default=None,
-                   help="a released model's recipe (RECIPES, 09_train): batch, K, lr, weight decay, eps, warm-up, "
-                        "epochs; options given explicitly win; a run on another number of processes than the "
-                        "recipe's GPUs is warned about (default: none, the configs' defaults)")
-    g.add_argument('--steps', type=positive_int, default=None,
-                   help='optimizer steps (or give --epochs with --num-samples, or --recipe for its 32 epochs)')
-    g.add_argument('--epochs', type=positive_float, default=None,
-                   help='epochs, when --num-samples fixes the epoch length')
-    for name, kind in [('lr', positive_float), ('eps', positive_float), ('weight_decay', _finite_float),
-                       ('warmup', nonnegative_int)]:
-        g.add_argument('--' + name.replace('_', '-'), type=kind, default=None, help="(default: the recipe's)")
-    for name, kind in [('accum_steps', positive_int), ('grad_clip_norm', positive_float),
-                       ('loss_chunk_size', positive_int), ('seed', nonnegative_int), ('save_every', positive_int),
-                       ('log_every', positive_int)]:
-        g.add_argument('--' + name.replace('_', '-'), type=kind, default=getattr(d, name),
-                       help=f'(default {getattr(d, name)})')
+    d = TrainConfig()
+    g = _add_options(parser.add_argument_group('recipe (defaults: the released models)'), [
+        ('--recipe', tuple(RECIPES), None, "a released model's recipe (RECIPES, 09_train): batch, K, lr, weight "
+         "decay, eps, warm-up, epochs; options given explicitly win; a run on another number of processes than the "
+         "recipe's GPUs is warned about (default: none, the configs' defaults)"),
+        ('--steps', positive_int, None,
+         'optimizer steps (or give --epochs with --num-samples, or --recipe for its 32 epochs)'),
+        ('--epochs', positive_float, None, 'epochs, when --num-samples fixes the epoch length'),
+        *[('--' + name.replace('_', '-'), kind, None, "(default: the recipe's)") for name, kind in
+          [('lr', positive_float), ('eps', positive_float), ('weight_decay', _finite_float),
+           ('warmup', nonnegative_int)]],
+        *[('--' + name.replace('_', '-'), kind, getattr(d, name), f'(default {getattr(d, name)})') for name, kind in
+          [('accum_steps', positive_int), ('grad_clip_norm', positive_float), ('loss_chunk_size', positive_int),
+           ('seed', nonnegative_int), ('save_every', positive_int), ('log_every', positive_int)]],
+        ('--loss', LOSSES, d.loss, "'flair' (tcs+mps)/2, 'tcs' alone, 'mps' alone (global baseline)"),
+        ('--precision', tuple(p for p in PRECISIONS if p not in ('fp16', 'bf16')), d.precision,
+         "'auto' = 'amp' (fp16 autocast + GradScaler) on CUDA; the CPU trains in fp32"),
+        ('--distributed-loss', DISTRIBUTED_LOSSES, d.distributed_loss,
+         "several processes: 'ring', the official objective, or 'gather' (the same loss, more memory)"),
+        ('--grad-checkpointing', bool, False, 'recompute tower activations in the backward pass'),
+        ('--device', _device, None, 'default: cuda:LOCAL_RANK if available, else cpu')])
     g.add_argument('--betas', type=_finite_float, nargs=2, default=d.betas, help=f'AdamW betas (default {d.betas})')
-    g.add_argument('--loss', choices=LOSSES, default=d.loss,
-                   help="'flair' (tcs+mps)/2, 'tcs' alone, 'mps' alone (global baseline)")
-    g.add_argument('--precision', choices=[p for p in PRECISIONS if p not in ('fp16', 'bf16')], default=d.precision,
-                   help="02_model §9: 'auto' = 'amp' (fp16 autocast + GradScaler) on CUDA; the CPU trains in fp32")
-    g.add_argument('--distributed-loss', choices=DISTRIBUTED_LOSSES, default=d.distributed_loss,
-                   help="several processes: 'ring', the official objective, or 'gather' (04_losses §7)")
-    g.add_argument('--grad-checkpointing', action='store_true', help='recompute tower activations in the backward pass')
-    g.add_argument('--device', type=_device, default=None, help='default: cuda:LOCAL_RANK if available, else cpu')
-
-def _add_output_arguments(parser):
     _add_options(parser.add_argument_group('output'), [
         ('--out', str, 'runs/flair', 'run folder: checkpoints/, history.json, loss_curve.png, tensorboard/'),
         ('--resume', str, None, "a checkpoint to continue from, or 'latest' (OUT's, if any)"),
@@ -178,18 +158,13 @@ def _add_output_arguments(parser):
         ('--keep-checkpoints', bool, False, 'keep every checkpoint, not only latest.pt'),
         ('--tensorboard', bool, False, 'log scalars to OUT/tensorboard (needs the tensorboard package)'),
         ('--no-progress', bool, False, 'no progress bar')])
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Declare the options of `flair-min train` on `parser` (a subparser)."
-    for add in (_add_data_arguments, _add_model_arguments, _add_recipe_arguments, _add_output_arguments): add(parser)
     return parser
 
 # %% ../nbs/17_cli.ipynb #f8a65727
 def toy_shards(out_dir, n: int, rank: int = 0) -> str:
     "The toy world's first `n` scenes as shards in `out_dir`/`n`-scenes (written once, by rank 0); their glob pattern."
     folder = Path(out_dir) / f'{n}-scenes'   # one folder per size: a run never reads the shards of another size
-    if rank == 0 and not (folder / 'done').exists():
-        # >= 16 shards
+    if rank == 0 and not (folder / 'done').exists():   # >= 16 shards
         write_shards(folder, n, samples_per_shard=max(1, min(1000, -(-n // 16))), workers=min(4, os.cpu_count() or 1))
         (folder / 'done').touch()
     if dist.is_initialized(): dist.barrier()
@@ -219,7 +194,6 @@ def _build_loader(args, data_config, rank: int, world: int):
     if source == CC3M_RECAP: return cc3m_recap_loader(data_config, rank=rank, world_size=world)
     return make_train_loader(source, data_config, rank=rank, world_size=world)
 
-# %% ../nbs/17_cli.ipynb #6f0ca382
 def _check_new_run(args) -> Path:
     "--out, writable and holding no other run (unless --resume or --overwrite); else an error saying what to do."
     out = check_writable_folder(args.out, '--out')
@@ -255,21 +229,16 @@ def run_train(args) -> dict:
 # %% ../nbs/17_cli.ipynb #f1611361
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `flair-min eval` on `parser`."
-    parser.add_argument('--pretrained', required=True,
-                        help="checkpoint: a released tag (cc3m-recap, ...; see list_pretrained) or a local path")
-    parser.add_argument('--task', default=None, choices=('retrieval', 'segmentation'),
-                        help="retrieval (COCO, Flickr30k, ...) or zero-shot segmentation (voc20, voc21); "
-                             "default: the dataset's")
-    parser.add_argument('--dataset', required=True, choices=[*BENCHMARKS, *SEGMENTATION_SETS],
-                        help='benchmark to evaluate on')
-    parser.add_argument('--root', required=True,
-                        help="the benchmark's folder, in the official layout "
-                             "(a wrong one fails with the expected layout)")
-    parser.add_argument('--mode', default='flair', choices=MODES,
-                        help='scoring: pooled per text (flair), top-k rescoring (topk), or global')
-    parser.add_argument('--map', default='patch_cosine', choices=MAP_KINDS,
-                        help='segmentation: the map that scores each patch for each class (12_localization)')
-    _add_options(parser, [
+    return _add_options(parser, [
+        ('--pretrained', str, ..., "checkpoint: a released tag (cc3m-recap, ...; see list_pretrained) or a local path"),
+        ('--task', ('retrieval', 'segmentation'), None,
+         "retrieval (COCO, Flickr30k, ...) or zero-shot segmentation (voc20, voc21); default: the dataset's"),
+        ('--dataset', (*BENCHMARKS, *SEGMENTATION_SETS), ..., 'benchmark to evaluate on'),
+        ('--root', str, ..., "the benchmark's folder, in the official layout (a wrong one fails with the expected "
+                             "layout)"),
+        ('--mode', MODES, 'flair', 'scoring: pooled per text (flair), top-k rescoring (topk), or global'),
+        ('--map', MAP_KINDS, 'patch_cosine',
+         'segmentation: the map that scores each patch for each class (12_localization)'),
         ('--model', str, None, 'a preset name (ViT-B-16-FLAIR), a JSON file, or inline JSON {"preset": ..., fields} '
                                "(default: the checkpoint's stored config, else read off its tensor shapes)"),
         ('--split', str, None, "flickr30k: the annotation file's split, flickr30k_<split>.json (default: val, as "
@@ -285,7 +254,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         ('--background-threshold', _finite_float, None,
          'voc21: pixels whose best class score is below this are background'),
         ('--output', str, None, 'JSON file for the results (default: eval_<dataset>_<mode>.json)')])
-    return parser
 
 def _load_model(args):
     "(model in eval mode, evaluation transform): `--pretrained` (a path or a released tag), architecture `--model`'s."
@@ -374,20 +342,17 @@ def run_demo_command(args: argparse.Namespace) -> dict:
 # %% ../nbs/17_cli.ipynb #7d57402f
 def add_visualize_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Declare the options of `flair-min visualize` on `parser`."
-    parser.add_argument('--pretrained', required=True,
-                        help="a released tag (cc3m-recap, ...), a checkpoint path, a run's latest.pt or the "
-                             "demo's flair.pt")
-    parser.add_argument('--model', default=None, help="a preset name, JSON text or a JSON file "
-                        "(default: the checkpoint's stored config, else its shapes)")
-    parser.add_argument('--image', required=True, help='the image file')
     parser.add_argument('--text', action='append', required=True, help='a sentence to look for (repeat for more)')
-    parser.add_argument('--map', default='attention', choices=MAP_KINDS, help='which map (12_localization)')
-    parser.add_argument('--head', type=nonnegative_int, default=None,
-                        help='attention: one head (default: the mean of all)')
-    parser.add_argument('--out', default='maps', help='folder for the PNGs')
-    parser.add_argument('--device', type=_device, default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='cuda or cpu')
-    return parser
+    return _add_options(parser, [
+        ('--pretrained', str, ..., "a released tag (cc3m-recap, ...), a checkpoint path, a run's latest.pt or the "
+                                   "demo's flair.pt"),
+        ('--model', str, None, "a preset name, JSON text or a JSON file (default: the checkpoint's stored config, "
+                               "else its shapes)"),
+        ('--image', str, ..., 'the image file'),
+        ('--map', MAP_KINDS, 'attention', 'which map (12_localization)'),
+        ('--head', nonnegative_int, None, 'attention: one head (default: the mean of all)'),
+        ('--out', str, 'maps', 'folder for the PNGs'),
+        ('--device', _device, 'cuda' if torch.cuda.is_available() else 'cpu', 'cuda or cpu')])
 
 def _slug(text: str) -> str: return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:40] or 'text'
 

@@ -143,9 +143,8 @@ DROPPED = 'dropped_partial_batch'   # good samples a drop_last loader threw away
 COUNT_KINDS = ('ok', DROPPED, *SKIP_KINDS)
 
 class SampleCounter:
-    "Kept ('ok') and skipped samples by kind, one row per DataLoader worker, in shared memory."
+    "Kept ('ok') and skipped samples by kind: a (1 + workers, kinds) table in shared memory, one row per process."
     def __init__(self, max_workers: int = 64):
-        # (1 + workers, kinds)
         self.table = torch.zeros(max_workers + 1, len(COUNT_KINDS), dtype=torch.long).share_memory_()
 
     def row(self) -> int:
@@ -198,33 +197,26 @@ class Split(NamedTuple):
     @property
     def count(self) -> int: return self.world_size * self.num_workers         # W · V
 
-def distributed_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    "(rank, world_size): as given (checked), else this process's in the running process group (`rank_and_world`)."
-    if rank is None and world_size is None: return rank_and_world()
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} with world_size={world_size}: expected 0 <= rank < world_size")
-    return rank, world_size
-
-def current_split(rank: int, world_size: int) -> Split:
-    "The split of the calling process: its DataLoader worker (if any) on `rank` (resolved in the main process)."
-    info = get_worker_info()
-    return Split(rank, world_size, *((info.id, info.num_workers) if info else (0, 1)))
-
-# %% ../nbs/06_data.ipynb #802f17f0
+# %% ../nbs/06_data.ipynb #52521e9f
 _STREAM_RULES = {'batch_size': whole(1), 'num_samples': optional(whole(1)), 'max_workers': whole(0)}
 
-class StreamBase(IterableDataset):
-    "The bookkeeping of a training stream: epoch, counters, random generators and the per-process quota."
-    def __init__(self, *, shuffle: bool = True, resampled: bool = False, num_samples: int | None = None,
-                 batch_size: int = 1, seed: int | None = None, rank: int | None = None, world_size: int | None = None,
-                 max_workers: int = 64):
-        self.shuffle, self.resampled, self.num_samples, self.batch_size, self.seed, self.max_workers = \
-            shuffle, resampled, num_samples, batch_size, seed, max_workers
+class TrainStream(IterableDataset):
+    "Training pairs from a source (`raw_samples`): split over workers and ranks, decoded, bad ones skipped and counted."
+    def __init__(self, pipeline: Callable, *, shuffle: bool = True, resampled: bool = False,
+                 num_samples: int | None = None, batch_size: int = 1, seed: int | None = None, rank: int | None = None,
+                 world_size: int | None = None, max_workers: int = 64, log_first: int = 5,
+                 max_consecutive_skips: int | None = 1000, with_keys: bool = False):
+        self.pipeline, self.shuffle, self.resampled, self.num_samples, self.batch_size, self.seed, self.max_workers = \
+            pipeline, shuffle, resampled, num_samples, batch_size, seed, max_workers
+        self.log_first, self.max_consecutive_skips, self.with_keys, self._logged = \
+            log_first, max_consecutive_skips, with_keys, 0
         check_fields(self, _STREAM_RULES, f'{type(self).__name__}.')
         if resampled and num_samples is None:
             raise ValueError("resampled=True draws samples forever: pass num_samples (samples per epoch)")
-        self.rank, self.world_size = distributed_rank(rank, world_size)
+        if rank is None and world_size is None: rank, world_size = rank_and_world()   # the running process group's
+        self.rank, self.world_size = rank or 0, world_size or 1
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} with world_size={self.world_size}: expected 0 <= rank < world_size")
         self.counter, self.epoch_tensor = SampleCounter(max_workers), torch.zeros(1, dtype=torch.long).share_memory_()
         self.num_workers = 0                                              # set by make_train_loader, for len()
         self.drop_last_batch_size = 0          # set by TrainLoader: its batch size if it drops partial batches, else 0
@@ -244,26 +236,11 @@ class StreamBase(IterableDataset):
         if self.num_samples is None: return None
         return self.batch_size * math.ceil(self.num_samples / (split.count * self.batch_size))
 
-    def rngs(self, split: Split, epoch: int) -> tuple[random.Random, random.Random]:
-        "(order, sample) generators: the order one the same in all processes, the sample one this process's own."
-        order = random.Random(f'{self.seed or 0}/{epoch}/order')
-        own = random.Random(None if self.seed is None else f'{self.seed}/{epoch}/{split.index}')  # None: fresh entropy
-        return order, own
-
     def __len__(self) -> int:
         "Samples per epoch on this rank (known only with num_samples): what DataLoader's len() divides by batch size."
         quota = self.quota(Split(self.rank, self.world_size, 0, max(1, self.num_workers)))
         if quota is None: raise TypeError("the number of samples is unknown until the data is read: pass num_samples")
         return quota * max(1, self.num_workers)
-
-# %% ../nbs/06_data.ipynb #52521e9f
-class TrainStream(StreamBase):
-    "Training pairs from a source (`raw_samples`): split over workers and ranks, decoded, bad ones skipped and counted."
-    def __init__(self, pipeline: Callable, *, log_first: int = 5, max_consecutive_skips: int | None = 1000,
-                 with_keys: bool = False, **kwargs):
-        super().__init__(**kwargs)
-        self.pipeline, self.log_first, self.max_consecutive_skips, self.with_keys, self._logged = \
-            pipeline, log_first, max_consecutive_skips, with_keys, 0
 
     def raw_samples(self, split: Split, order_rng: random.Random, rng: random.Random) -> Iterator[dict]:
         raise NotImplementedError("a TrainStream subclass says where its raw samples come from")
@@ -277,8 +254,10 @@ class TrainStream(StreamBase):
         yield from items[split.index::split.count]
 
     def __iter__(self) -> Iterator[tuple]:
-        split, epoch = current_split(self.rank, self.world_size), self.epoch
-        order_rng, rng = self.rngs(split, epoch)
+        info, epoch = get_worker_info(), self.epoch                   # this process: its DataLoader worker, if any
+        split = Split(self.rank, self.world_size, *((info.id, info.num_workers) if info else (0, 1)))
+        order_rng = random.Random(f'{self.seed or 0}/{epoch}/order')                   # the same in all processes
+        rng = random.Random(None if self.seed is None else f'{self.seed}/{epoch}/{split.index}')   # this one's own
         quota, kept, streak = self.quota(split), 0, 0
         for raw in self.raw_samples(split, order_rng, rng):
             try: pixels, tokens = self.pipeline(raw, rng)                  # (3, H, W), (K, context_length)
@@ -287,11 +266,7 @@ class TrainStream(StreamBase):
             self.counter.add('ok'); kept, streak = kept + 1, 0
             yield (pixels, tokens, raw['__key__']) if self.with_keys else (pixels, tokens)
             if quota is not None and kept >= quota: break
-        self.count_dropped(kept)
-
-    def count_dropped(self, kept: int):
-        "Recount this process's last partial batch, which a drop_last loader throws away, from kept to dropped."
-        if self.drop_last_batch_size and (n := kept % self.drop_last_batch_size):
+        if self.drop_last_batch_size and (n := kept % self.drop_last_batch_size):   # the partial batch drop_last drops
             self.counter.add('ok', -n); self.counter.add(DROPPED, n)
 
     def on_skip(self, raw: dict, skip: SkipSample, streak: int):
@@ -482,7 +457,7 @@ class TrainLoader(DataLoader):
             raise ValueError(f"num_workers={kwargs['num_workers']}: the stream counts samples for at most {rows} "
                              f"workers; make it with max_workers >= {kwargs['num_workers']}")
         super().__init__(dataset, **kwargs)
-        dataset.drop_last_batch_size = self.batch_size if self.drop_last and self.batch_size else 0  # count_dropped
+        dataset.drop_last_batch_size = self.batch_size if self.drop_last and self.batch_size else 0  # counted dropped
 
     def set_epoch(self, epoch: int):
         "Read epoch `epoch` from the next pass on (its order, sub-captions and crops); nothing else moves the epoch."
@@ -499,7 +474,6 @@ class TrainLoader(DataLoader):
         return self.dataset.skipped()
     def skip_report(self) -> str: return skip_report(self.counts())
 
-# %% ../nbs/06_data.ipynb #84ada701
 def make_train_loader(source, config: DataConfig | None = None, *, transform: Callable | None = None,
                       tokenizer: Callable | None = None, rank: int | None = None, world_size: int | None = None,
                       with_keys: bool = False, **overrides) -> TrainLoader:

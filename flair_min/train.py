@@ -34,7 +34,9 @@ _RULES = {'steps': whole(1), 'accum_steps': whole(1), 'log_every': whole(1), 'wa
           'betas': (lambda v: len(v) == 2 and all(real(0, strict=False)[0](b) and b < 1 for b in v),
                     'two numbers in [0, 1), e.g. (0.9, 0.98)'),
           'grad_clip_norm': optional(real(0)), 'loss_chunk_size': optional(whole(1)),
-          'save_every': optional(whole(1)), 'eval_every': optional(whole(1))}
+          'save_every': optional(whole(1)), 'eval_every': optional(whole(1)),
+          'distributed_loss': (lambda v: v in DISTRIBUTED_LOSSES, f'one of {DISTRIBUTED_LOSSES}'),
+          'loss': (lambda v: callable(v) or v in LOSSES, f'one of {LOSSES} or a callable')}
 
 @dataclass
 class TrainConfig:
@@ -69,10 +71,6 @@ class TrainConfig:
         if check_precision(self.precision) in ('fp16', 'bf16'):
             raise ValueError(f"precision={self.precision!r} casts the weights, which cannot be trained in 16 bits; "
                              f"expected 'auto', 'amp', 'amp_bf16' or 'fp32'")
-        if self.distributed_loss not in DISTRIBUTED_LOSSES:
-            raise ValueError(f"distributed_loss={self.distributed_loss!r}: expected one of {DISTRIBUTED_LOSSES}")
-        if not callable(self.loss) and self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES} or a callable")
 
 # %% ../nbs/09_train.ipynb #297d55b3
 @dataclass(frozen=True)
@@ -159,16 +157,13 @@ def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
 
 # %% ../nbs/09_train.ipynb #28a21dd9
-def warmup_cosine(step: int, warmup: int, steps: int) -> float:
-    "The lr multiplier at `step` (0-based): linear warm-up over `warmup` steps, then cosine to 0 at `steps`."
-    if step < warmup: return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))
-
 class WarmupCosine:
-    "`warmup_cosine` as a picklable object: LambdaLR saves its fields with the scheduler's state."
+    "The lr multiplier at a step (0-based): linear warm-up over `warmup` steps, then cosine to 0 at `steps`."
     def __init__(self, warmup: int, steps: int): self.warmup, self.steps = warmup, steps
-    def __call__(self, step: int) -> float: return warmup_cosine(step, self.warmup, self.steps)
+    def __call__(self, step: int) -> float:
+        if step < self.warmup: return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
 # %% ../nbs/09_train.ipynb #bdb6d0a5
 FEATURE_KEYS = ('image_features', 'image_tokens', 'text_features')  # per-sample outputs concatenated over micro-batches
@@ -208,8 +203,6 @@ def accumulate_gradients(model, loss_fn, micro_batches, generator_seed: tuple[in
     return first
 
 # %% ../nbs/09_train.ipynb #bc0d51d6
-MAX_LOGIT_SCALE = math.log(100)
-
 def optimizer_step(model, optimizer, scheduler, scaler, grad_clip_norm: float | None = None) -> None:
     "Unscale and clip the gradients, step optimizer and schedule, zero the gradients, clamp the scale to [0, ln 100]."
     if grad_clip_norm is not None:
@@ -219,7 +212,7 @@ def optimizer_step(model, optimizer, scheduler, scaler, grad_clip_norm: float | 
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    with torch.no_grad(): model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)   # stored as s, used as e^s
+    with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))   # stored as s, used as e^s
 
 # %% ../nbs/09_train.ipynb #b7a34e60
 def data_stream(loader, epoch: int = 0, skip: int = 0, seed: int = 0, rank: int = 0):
@@ -570,18 +563,12 @@ def plot_history(history: dict, ax=None, smooth: int = 1, label: str | None = No
 def write_run_summary(out_dir, history: dict) -> None:
     "history.json (strict JSON: NaN as null) and loss_curve.png in the run folder, each written atomically."
     from matplotlib.figure import Figure
-    text = json.dumps(_finite_or_none(history), allow_nan=False)
+    finite = json.loads(json.dumps(history), parse_constant=lambda _: None)   # NaN, Infinity read back as None
+    text = json.dumps(finite, allow_nan=False)
     _write_summary_file(Path(out_dir) / 'history.json', lambda f: f.write(text.encode()))
     fig = Figure(figsize=(6, 3)); plot_history(history, fig.subplots(), smooth=max(1, len(history['loss']) // 50))
     fig.tight_layout()
     _write_summary_file(Path(out_dir) / 'loss_curve.png', lambda f: fig.savefig(f, format='png', dpi=100))
-
-def _finite_or_none(value):
-    "`value` with every NaN or infinite float (in dicts and lists too) as None, which JSON writes as null."
-    if isinstance(value, float): return value if math.isfinite(value) else None
-    if isinstance(value, dict): return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)): return [_finite_or_none(v) for v in value]
-    return value
 
 def _write_summary_file(path: Path, write: Callable) -> None:
     "`atomic_write` of `path`; a failure is one line that names the file and says where the run's checkpoint is."

@@ -268,7 +268,7 @@ def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
         history = tiny_trainer(steps=6, warmup=1, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=6))
     assert history['step'] == [1, 2, 3, 4, 5, 6]
     assert all(lr > 0 for lr in history['lr'][3:]), history['lr']
-    assert history['lr'][3:] == pytest.approx([1e-3 * T.warmup_cosine(s, 1, 6) for s in range(3, 6)], abs=1e-15)
+    assert history['lr'][3:] == pytest.approx([1e-3 * T.WarmupCosine(1, 6)(s) for s in range(3, 6)], abs=1e-15)
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['scheduler']['lr_lambdas'][0] == {'warmup': 1, 'steps': 6}   # a later resume keeps it
 
@@ -287,7 +287,7 @@ def test_resume_with_another_lr_follows_it_and_says_so(tmp_path):
         history = tiny_trainer(steps=4, lr=2e-3, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=4))
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and 'the learning rate changed from 0.001 to 0.002' in said[0], said
-    assert history['lr'][2:] == pytest.approx([2e-3 * T.warmup_cosine(s, 1, 4) for s in (2, 3)], abs=1e-15)
+    assert history['lr'][2:] == pytest.approx([2e-3 * T.WarmupCosine(1, 4)(s) for s in (2, 3)], abs=1e-15)
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['scheduler']['base_lrs'] == [2e-3, 2e-3] and checkpoint['train_config']['lr'] == 2e-3
     trainer = tiny_trainer(steps=4, lr=2e-3, weight_decay=0.1, eps=1e-6, out_dir=str(tmp_path))
