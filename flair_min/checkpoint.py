@@ -52,18 +52,13 @@ def config_from_state_dict(state_dict: dict) -> FlairConfig:
 class StateDictMismatchError(RuntimeError):
     "A state dict whose keys or shapes do not match the model."
 
-def _state_dict_mismatches(model: nn.Module, state_dict: dict) -> tuple[list, list, list]:
-    "(missing keys, unexpected keys, [(key, checkpoint shape, model shape)]) of `state_dict` against `model`."
+def load_state_dict_strict(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Module:
+    "Load every tensor or raise one `StateDictMismatchError` listing missing, unexpected and wrongly-shaped keys."
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()
+    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()   # (key, checkpoint, model)
               if k in expected and v.shape != expected[k].shape]
-    return missing, unexpected, shapes
-
-def load_state_dict_strict(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Module:
-    "Load every tensor or raise one `StateDictMismatchError` listing missing, unexpected and wrongly-shaped keys."
-    missing, unexpected, shapes = _state_dict_mismatches(model, state_dict)
     if missing or unexpected or shapes:
         show = lambda xs: f"{len(xs)}: {xs[:8]}{' ...' if len(xs) > 8 else ''}"
         raise StateDictMismatchError(

@@ -6,7 +6,7 @@
 __all__ = ['DemoConfig', 'demo_model_config', 'prepare_toy_data', 'train_demo_model', 'demo_config', 'run_demo', 'run_ablation']
 
 # %% ../nbs/15_demo.ipynb #d5535cd9
-import json, os, time
+import json, os, textwrap, time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -162,7 +162,7 @@ def plot_heatmaps(models: dict, images: torch.Tensor, split: dict, n: int = 6, p
             if row: ax.imshow(list(maps.values())[row - 1][col].numpy(), cmap='inferno', alpha=0.75,
                               extent=(0, size, size, 0))
             ax.contour(masks[s], levels=[0.5], colors='cyan', linewidths=0.8)
-        axes[0, col].set_title(_wrap(texts[s]), fontsize=7)
+        axes[0, col].set_title(textwrap.fill(str(texts[s]), 24), fontsize=7)
     for row, (name, (_, kind)) in enumerate(models.items(), start=1):
         axes[row, 0].set_ylabel(f'{name}\n{kind}', fontsize=8)
     fig.tight_layout()
@@ -179,10 +179,6 @@ def save_figure(fig, path=None):
     import matplotlib.pyplot as plt
     fig.savefig(path, dpi=110, bbox_inches='tight'); plt.close(fig)
     return path
-
-def _wrap(text: str, width: int = 24) -> str:
-    import textwrap
-    return '\n'.join(textwrap.wrap(str(text), width))
 
 # %% ../nbs/15_demo.ipynb #3c943ddd
 @contextmanager

@@ -148,26 +148,23 @@ IIW_LAYOUT = (
         'one sentence each\n'
     '<root>/<image>                 the image paths include their folder, e.g. <root>/docci/test_00731.jpg')
 
-def _annotation_records(ann: AnnotationFile, image_root: Path) -> list:
-    "(image id, image path, caption) of each entry of the file's 'annotations' list, every field checked."
-    records = []
+def _read_annotations(name: str, root, file: str, image_dir: str, layout: str) -> RetrievalSet:
+    "The set whose `root`/`file` lists {'annotations': [{image_id, image, caption}]}, images in `root`/`image_dir`."
+    root, records = Path(root), []
+    ann = AnnotationFile(root / file, layout)
     for i, a in enumerate(ann.entries(ann.read(), 'annotations')):
         where = ann.where('annotations', i, a, 'image_id')
-        records.append((ann.field(a, 'image_id', where, ID), image_root / ann.field(a, 'image', where),
+        records.append((ann.field(a, 'image_id', where, ID), root / image_dir / ann.field(a, 'image', where),
                         ann.field(a, 'caption', where)))
-    return records
+    return from_records(name, records, layout)
 
 def read_docci(root) -> RetrievalSet:
     "DOCCI-FG: one text per sentence of the DOCCI test descriptions (5,000 images)."
-    root = Path(root)
-    ann = AnnotationFile(root / 'annotations' / 'test_annotations.json', DOCCI_LAYOUT)
-    return from_records('docci', _annotation_records(ann, root / 'images'), DOCCI_LAYOUT)
+    return _read_annotations('docci', root, 'annotations/test_annotations.json', 'images', DOCCI_LAYOUT)
 
 def read_iiw(root) -> RetrievalSet:
     "IIW-FG: one text per sentence of the Image-in-Words descriptions (612 images, 6,204 texts)."
-    root = Path(root)
-    return from_records('iiw', _annotation_records(AnnotationFile(root / 'test_annotations.json', IIW_LAYOUT), root),
-                        IIW_LAYOUT)
+    return _read_annotations('iiw', root, 'test_annotations.json', '', IIW_LAYOUT)
 
 # %% ../nbs/11_eval_sets.ipynb #710da856
 URBAN1K_LAYOUT = (
@@ -177,9 +174,7 @@ URBAN1K_LAYOUT = (
 
 def read_urban1k(root) -> RetrievalSet:
     "Urban-1k: one long caption per image, 1,000 pairs."
-    root = Path(root)
-    ann = AnnotationFile(root / 'annotations' / 'annotations.json', URBAN1K_LAYOUT)
-    return from_records('urban1k', _annotation_records(ann, root / 'images'), URBAN1K_LAYOUT)
+    return _read_annotations('urban1k', root, 'annotations/annotations.json', 'images', URBAN1K_LAYOUT)
 
 # %% ../nbs/11_eval_sets.ipynb #4c134771
 DCI_LAYOUT = (
@@ -220,13 +215,6 @@ def read_dci(root) -> RetrievalSet:
         records.append((i, base / 'photos' / ann.field(annotation, 'image', where), rejoin(f"{short}\n{extra}")))
     return from_records('dci', records, DCI_LAYOUT)
 
-def _sharegpt4v_answer(ann: AnnotationFile, entry, where: str) -> str:
-    "The caption of a ShareGPT4V entry: the answer of its conversation, conversations[1].value."
-    conversation = ann.field(entry, 'conversations', where, list)
-    if len(conversation) < 2:
-        raise ann.error(f"{where}: 'conversations' is {describe_json(conversation)}, expected a question and an answer")
-    return ann.field(conversation[1], 'value', f"{where} conversations[1]")
-
 def read_sharegpt4v(root, size: int = 1000) -> RetrievalSet:
     "ShareGPT4V-1k/10k: the first `size` entries, one re-joined answer per image."
     root = Path(root)
@@ -238,7 +226,11 @@ def read_sharegpt4v(root, size: int = 1000) -> RetrievalSet:
         where = ann.where(None, i, entry, 'image')
         image = ann.field(entry, 'image', where)
         image = image.replace('/images', '') if 'images' in image else image
-        records.append((i, root / image, rejoin(_sharegpt4v_answer(ann, entry, where))))
+        conversation = ann.field(entry, 'conversations', where, list)   # [question, answer]: the answer is the caption
+        if len(conversation) < 2:
+            raise ann.error(f"{where}: 'conversations' is {describe_json(conversation)}, "
+                            "expected a question and an answer")
+        records.append((i, root / image, rejoin(ann.field(conversation[1], 'value', f"{where} conversations[1]"))))
     return from_records(f'sharegpt4v-{size // 1000}k', records, SHAREGPT4V_LAYOUT)
 
 # %% ../nbs/11_eval_sets.ipynb #2da0cc7b

@@ -249,15 +249,6 @@ class VisionTransformer(nn.Module):
         return x[:, 0], x[:, 1:]                                         # (B, width), (B, L, width)
 
 # %% ../nbs/02_model.ipynb #79a80078
-def init_transformer_(transformer: Transformer):
-    "OpenCLIP's text-tower initialisation of the blocks' weights."
-    width, layers = transformer.width, len(transformer.resblocks)
-    proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
-    for block in transformer.resblocks:
-        for weight, std in ((block.attn.in_proj_weight, attn_std), (block.attn.out_proj.weight, proj_std),
-                            (block.mlp.c_fc.weight, fc_std), (block.mlp.c_proj.weight, proj_std)):
-            nn.init.normal_(weight, std=std)
-
 class TextTransformer(nn.Module):
     "CLIP text tower: token ids (N, T) → global token (N, width) at the largest id, and all tokens (N, T, width)."
     def __init__(self, context_length: int, vocab_size: int, width: int, layers: int, heads: int,
@@ -269,7 +260,11 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads, mlp_ratio)
         self.ln_final = LayerNorm(width)
         nn.init.normal_(self.token_embedding.weight, std=0.02); nn.init.normal_(self.positional_embedding, std=0.01)
-        init_transformer_(self.transformer)
+        proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+        for block in self.transformer.resblocks:   # OpenCLIP's text-tower initialisation
+            for weight, std in ((block.attn.in_proj_weight, attn_std), (block.attn.out_proj.weight, proj_std),
+                                (block.mlp.c_fc.weight, fc_std), (block.mlp.c_proj.weight, proj_std)):
+                nn.init.normal_(weight, std=std)
 
     def _embed_tokens(self, texts: torch.Tensor) -> torch.Tensor:
         "Token plus position embeddings (N, T, width) of token ids (N, T), T <= context_length."

@@ -141,12 +141,6 @@ def tar_samples(url: str) -> Iterator[dict]:
         return
     if sample: yield sample
 
-# %% ../nbs/05_shards.ipynb #c00ec4e9
-def encode_member(value) -> bytes:
-    "Bytes of a member: bytes as they are, str as UTF-8, anything else as JSON."
-    if isinstance(value, bytes): return value
-    return value.encode('utf-8') if isinstance(value, str) else json.dumps(value).encode('utf-8')
-
 # %% ../nbs/05_shards.ipynb #10a619a3
 def write_shard(path, samples: Iterable[dict]) -> int:
     "Write samples {'__key__': key, ext: bytes | str | JSON-able, …} as a webdataset tar at `path`, atomically."
@@ -157,10 +151,11 @@ def write_shard(path, samples: Iterable[dict]) -> int:
             for sample in samples:
                 for ext, value in sample.items():
                     if ext.startswith('__'): continue
-                    data = encode_member(value)
+                    if isinstance(value, str): value = value.encode('utf-8')
+                    elif not isinstance(value, bytes): value = json.dumps(value).encode('utf-8')   # JSON-able
                     info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size, info.mode = len(data), 0o644                    # mtime stays 0: reproducible bytes
-                    tar.addfile(info, io.BytesIO(data))
+                    info.size, info.mode = len(value), 0o644                   # mtime stays 0: reproducible bytes
+                    tar.addfile(info, io.BytesIO(value))
                 count += 1
     atomic_write(path, write)
     return count

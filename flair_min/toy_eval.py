@@ -163,10 +163,8 @@ def pair_scores(model: FLAIR, image_emb: tuple, texts: torch.Tensor, txt2img: to
 @torch.no_grad()
 def attribute_swap_accuracy(model: FLAIR, images: torch.Tensor, split: dict, mode: str, seed: int = 0) -> dict:
     "Per attribute: how often the true object sentence outscores its one-attribute swap on its own image."
-    # every swap keeps these sentences
-    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)
+    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)   # kept by every swap
     txt2img = torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
-    # (S,), once for all four
     true = pair_scores(model, image_emb, tokenize_texts(split['sentences'][keep]), txt2img, mode)
     out = {}
     for attribute in ATTRIBUTES:
@@ -198,16 +196,9 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int =
         opt.zero_grad(); (F.cross_entropy(x[fit] @ w + b, y[fit]) + 1e-3 * w.square().sum()).backward(); opt.step()
     return float(((x[test] @ w + b).argmax(1) == y[test]).double().mean())
 
-def object_probe_accuracy(model: FLAIR, images: torch.Tensor, split: dict) -> dict:
-    "Per attribute: how well a linear probe reads it off the object's patch tokens (held-out accuracy)."
-    tokens, attributes = object_tokens(model, images, split)
-    return {a: linear_probe(tokens, torch.as_tensor(attributes[:, i], dtype=torch.long))
-            for i, a in enumerate(ATTRIBUTES)}
-
 @torch.no_grad()
 def text_swap_similarity(model: FLAIR, split: dict, seed: int = 0) -> dict:
     "Per attribute: the mean cosine between the text embeddings of object sentences and their one-attribute swaps."
-    # (S, D), once for all four
     true = model.embed_text(tokenize_texts(split['sentences'][split['sentence_object'] >= 0]))
     out = {}
     for attribute in ATTRIBUTES:
@@ -218,7 +209,9 @@ def text_swap_similarity(model: FLAIR, split: dict, seed: int = 0) -> dict:
 # %% ../nbs/14_toy_eval.ipynb #8a1b3d4f
 def tower_probes(model: FLAIR, images: torch.Tensor, split: dict) -> dict:
     "What each tower holds per attribute: {'image_probe': linear-probe accuracy, 'text_swap_cosine': mean cosine}."
-    return {'image_probe': object_probe_accuracy(model, images, split),
+    tokens, attributes = object_tokens(model, images, split)   # a linear probe reads each attribute off its object
+    return {'image_probe': {a: linear_probe(tokens, torch.as_tensor(attributes[:, i], dtype=torch.long))
+                            for i, a in enumerate(ATTRIBUTES)},
             'text_swap_cosine': text_swap_similarity(model, split)}
 
 # %% ../nbs/14_toy_eval.ipynb #0c1d2e3f

@@ -174,8 +174,7 @@ def background_image(colour: str, texture: str, size: int, contrast: int) -> np.
     period = max(2, size // 16)
     y, x = np.indices((size, size))  # (size, size) each
     pattern = {'plain': 0 * x, 'striped': (x + y) // period % 2, 'checkered': (x // period + y // period) % 2}[texture]
-    # (size, size, 3)
-    image = np.clip(np.add(BACKGROUNDS[colour], contrast * pattern[..., None]), 0, 255).astype(np.uint8)
+    image = np.clip(np.add(BACKGROUNDS[colour], contrast * pattern[..., None]), 0, 255).astype(np.uint8)  # (H, W, 3)
     image.flags.writeable = False
     return image
 
