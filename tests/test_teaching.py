@@ -206,3 +206,23 @@ def test_reading_times_are_the_estimates():
     reading_times = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reading_times)
     assert reading_times.check() == 0, 'reading times are stale: see python .ci/reading_times.py'
+
+
+def test_flair_in_one_notebook_stands_alone():
+    """The short path's notebook: at most 300 code lines, only torch, numpy, PIL, matplotlib, the standard library and
+    flair_min's toy world and tokenizer; it exports nothing and comes first in the course path."""
+    import sys
+    path = NBS / 'flair_in_one_notebook.ipynb'
+    code = [line for c in cells(path) if c['cell_type'] == 'code' for line in src(c).splitlines()]
+    assert len([x for x in code if x.strip() and not x.startswith('#|')]) <= 300
+    assert not [x for x in code if re.match(r'#\|\s*(default_exp|export)', x)]
+    allowed = {'torch', 'numpy', 'PIL', 'matplotlib', 'flair_min.toyworld', 'flair_min.tokenizer'}
+    for line in code:
+        m = re.match(r'\s*(?:from\s+(\S+)\s+import|import\s+(.+))', line)
+        if not m: continue
+        for name in ([m.group(1)] if m.group(1) else [x.split(' as ')[0].strip() for x in m.group(2).split(',')]):
+            top = name.split('.')[0]
+            assert top in sys.stdlib_module_names or top in allowed or name in allowed, f'imports {name}'
+    index = '\n'.join(src(c) for c in cells(NBS / 'index.ipynb'))
+    course = index[index.index('## A course path'):]
+    assert course.index('flair_in_one_notebook') < course.index('00_tokenizer')
