@@ -226,3 +226,21 @@ def test_flair_in_one_notebook_stands_alone():
     index = '\n'.join(src(c) for c in cells(NBS / 'index.ipynb'))
     course = index[index.index('## A course path'):]
     assert course.index('flair_in_one_notebook') < course.index('00_tokenizer')
+
+
+@pytest.mark.parametrize('stem', ['00_tokenizer', '01_captions', '02_model', '04_losses', '10_retrieval',
+                                  '12_localization'])
+def test_method_notebooks_end_with_checked_exercises(stem):
+    "3 to 5 exercises, each with a visible cell that leaves the check to the reader and a hidden, collapsed solution"
+    cs = cells(NBS / f'{stem}.ipynb')
+    marker = next(i for i, c in enumerate(cs) if src(c).startswith('The rest of this notebook is engineering:'))
+    numbers = [int(m) for c in cs[:marker] if c['cell_type'] == 'markdown'
+               for m in re.findall(r'\*\*Exercise (\d+)\.\*\*', src(c))]
+    assert 3 <= len(numbers) <= 5 and numbers == list(range(1, len(numbers) + 1)), numbers
+    for n in numbers:
+        hidden = [c for c in cs[:marker] if f'def check_exercise_{n}(' in src(c)]
+        assert len(hidden) == 1 and src(hidden[0]).startswith('#| hide'), f'{stem}: exercise {n} solution'
+        assert hidden[0]['metadata'].get('jupyter', {}).get('source_hidden') is True, f'{stem}: {n} not collapsed'
+        assert re.search(rf'^check_exercise_{n}\(\*?_solution', src(hidden[0]), re.M), f'{stem}: {n} unchecked'
+        assert re.search(rf'test_fail\(.*check_exercise_{n}\(', src(hidden[0])), f'{stem}: {n} checker never refuses'
+        assert any(f'# check_exercise_{n}(' in src(c) for c in cs[:marker] if not src(c).startswith('#| hide'))
