@@ -14,7 +14,6 @@ import flair_min.toyworld as toyworld
 from flair_min.toyworld import (BACKGROUND_SENTENCE, COUNT_SENTENCE, EVAL_KEYS, PALETTE, SHAPE_MASKS, ToyWorldConfig,
                                 image_bytes, load_eval_split, make_eval_split, make_scene, save_eval_split,
                                 scene_layout, split_world, star_mask, toy_sample, triangle_mask, write_shards)
-from flair_min.localization import patch_coverage, pointing_game
 from flair_min.shards import write_shard
 from fixtures import BAD_SHARD_KINDS, write_fixtures
 
@@ -186,16 +185,6 @@ def test_eval_split_round_trip_and_consistency(tmp_path):
     assert split['masks'].reshape(s, -1).any(1).all()
     assert np.array_equal(split['twin'], np.arange(n) ^ 1)
     with pytest.raises(ValueError, match='lacks'): save_eval_split({'images': split['images']}, tmp_path / 'bad.npz')
-
-
-def test_patch_coverage_and_pointing_game():
-    scene = make_scene(11)
-    coverage = patch_coverage(scene.masks, 8)  # (S, 8, 8)
-    assert coverage.shape == (len(scene.sentences), 8, 8)
-    assert np.allclose(coverage.sum((1, 2)) * 64, scene.masks.sum((1, 2)))
-    assert pointing_game(coverage, scene.masks).all()
-    assert not pointing_game(-coverage[2:], scene.masks[2:]).any()
-    with pytest.raises(ValueError, match='patches of 7'): patch_coverage(scene.masks, 7)
 
 
 def test_fixtures_equal_what_the_code_writes(tmp_path):
