@@ -318,6 +318,8 @@ def test_the_shipped_toy_model_loads_offline_and_works(fake_hub):
     assert path.is_file() and path.stat().st_size < 10 * 2**20                     # shipped, at most about 10 MB
     model, _, preprocess = create_model_and_transforms('FLAIR-toy', pretrained='toyworld')
     assert fake_hub == [] and model.config.image_size == 64 and preprocess.transforms[0].size == 64
+    from flair_min.demo import DemoConfig, demo_model_config
+    assert model.config == demo_model_config(DemoConfig())                          # the preset is the demo's FLAIR
     model.eval()
     split = make_eval_split(100, ToyWorldConfig(), seed=30_000)                    # scenes it never saw
     images = eval_images(split)
