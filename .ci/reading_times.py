@@ -5,7 +5,7 @@
 
 An estimate, not a measurement: 200 words of prose and 15 lines of code a minute (directive lines `#| ...` and blank
 lines not counted), rounded to 5 minutes, at least 5. A method notebook's course time counts its cells before the
-one that says "The rest of this notebook" (the method and its exercises; `15_demo`: its lesson), apart from the whole
+one that says "The rest of this notebook" (the method and its exercises; `17_demo`: its lesson), apart from the whole
 notebook. The short path is `flair_in_one_notebook` and the demo's lesson.
 """
 import json, re, sys
@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 PATH_END = 'The rest of this notebook'   # where a method notebook's course path ends
-METHOD = ('00_tokenizer', '01_captions', '02_model', '04_losses', '10_retrieval', '12_localization', '13_pretrained',
-          '15_demo')
+METHOD = ('00_tokenizer', '01_captions', '02_model', '04_losses', '12_retrieval', '14_localization', '15_pretrained',
+          '17_demo')
 
 
 def minutes(name: str, upto: str | None = None) -> int:
@@ -46,9 +46,9 @@ def estimates() -> dict:
     quoted = {n: f'{minutes(n)} min' for n in numbered}
     for n in METHOD:
         if course_minutes(n) != minutes(n):
-            part = 'the lesson' if n == '15_demo' else 'the method and its exercises'
+            part = 'the lesson' if n == '17_demo' else 'the method and its exercises'
             quoted[n] = f"{course_minutes(n)} min ({part}); {minutes(n)} min in all"
-    quoted['short path, in all'] = hours(minutes('flair_in_one_notebook') + course_minutes('15_demo'))
+    quoted['short path, in all'] = hours(minutes('flair_in_one_notebook') + course_minutes('17_demo'))
     quoted['method, in all'] = hours(sum(course_minutes(n) for n in METHOD))
     quoted['engineering, in all'] = hours(sum(minutes(n) for n in numbered if n not in METHOD))
     return quoted
@@ -58,7 +58,8 @@ def check() -> int:
     "0 if nbs/index.ipynb quotes every estimate; else name what differs."
     index = '\n'.join(''.join(c['source']) for c in json.loads((NBS / 'index.ipynb').read_text())['cells'])
     wrong = [f'{n}: {t}' for n, t in estimates().items()
-             if (f'`{n}`](nbs/{n}.ipynb) | {t} |' if re.match(r'\d\d_', n) else t) not in index]
+             if (f'`{n}`](nbs/{n}.ipynb) | {t} |' if re.match(r'\d\d_', n)
+                 else f'short path takes about {t} in all' if n.startswith('short') else t) not in index]
     if wrong: print('reading times in nbs/index.ipynb differ from these estimates:', *wrong, sep='\n  ')
     return 1 if wrong else 0
 

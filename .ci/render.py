@@ -10,7 +10,7 @@ output comes from its last run on a GPU, and the notebook says so next to it). B
 seeded (`random`, NumPy, torch), progress bars are switched off, and figures are drawn as PNG at a modest
 resolution (72 dpi unless a figure asks for more). Outputs are then made steady: temporary folders are written as
 `<tmp>`, wall times the CLI prints as `… s`, a stream's pieces are joined, and widgets (which need a live kernel:
-`tqdm.auto` bars, the explorer of `12_localization`) are dropped, so a second render changes nothing.
+`tqdm.auto` bars, the explorer of `14_localization`) are dropped, so a second render changes nothing.
 
 The render records, for each notebook, a hash of its code cells and of the `results/` files they show in
 `nbs/rendered.json`. `--check` recomputes the hashes and fails with "outputs stale: run .ci/render.py" when code or

@@ -1,4 +1,4 @@
-"""Throughput of the flair_min training-data pipeline on the CPU (06_data §6).
+"""Throughput of the flair_min training-data pipeline on the CPU (07_data §5).
 
     python benchmarks/data_speed.py [--images 64] [--loader-images 384] [--no-loader] [--out results/data_speed]
 
@@ -18,14 +18,15 @@ from PIL import Image
 
 from flair_min.captions import DREAMLIP_FIELDS, sample_subcaptions
 from flair_min.cc3m import DREAMLIP_URL_COLUMN, read_dreamlip_captions
-from flair_min.data import make_pipeline, make_train_loader, raw_image, raw_record, seeded, sentence_pool
+from flair_min.data import make_train_loader
+from flair_min.samples import make_pipeline, raw_image, raw_record, seeded, sentence_pool
 from flair_min.shards import expand_urls, tar_samples, write_shard
 from flair_min.model import image_transform
 from flair_min.tokenizer import SimpleTokenizer
 from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_CSV_GB = 6.34                                   # size of DreamLIP's CC3M caption CSV on the hub (07_cc3m)
+HUB_CSV_GB = 6.34                                   # size of DreamLIP's CC3M caption CSV on the hub (08_cc3m)
 WORDS = ('the a an of in on with and near behind above below beside its their this that while large small tall short '
          'red blue green yellow white black brown gray orange pink wooden metal glass stone old new bright dark soft '
          'man woman child dog cat bird horse car bus bicycle tree flower house building street road river sky cloud '

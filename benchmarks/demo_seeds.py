@@ -6,7 +6,7 @@
 For each seed it copies `table.txt` and `metrics.json` to results/demo/seedN/, the heatmap figure of the first seed
 to results/demo/heatmaps.png (a 256-colour PNG, small enough for the README), and writes results/demo/README.md: the
 command, the machine, the date, the wall time of each run and the headline figures (localization first) of every seed.
-15_demo renders them from there.
+17_demo renders them from there.
 """
 import argparse, json, os, platform, shutil, subprocess, sys, time
 from datetime import datetime, timezone

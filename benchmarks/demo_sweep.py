@@ -67,7 +67,8 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     from flair_min.toy_eval import eval_images, evaluate_toy_model, margins
     from flair_min.model import FLAIR
     from flair_min.toyworld import ToyWorldConfig, load_eval_split
-    from flair_min.train import TrainConfig, train
+    from flair_min.recipe import TrainConfig
+    from flair_min.train import train
     overrides = dict(overrides); world = overrides.pop('world', {})
     E.training_world = lambda c: replace(ToyWorldConfig(image_size=c.image_size, seed=c.seed,
                                                         binding_twins=c.train_twins), **world)

@@ -5,7 +5,7 @@
 
 Scores `images` × `texts` pairs at ViT-B/16 sizes (D = 512, L = 196 patch tokens) with a pooling
 layer of random weights, on precomputed embeddings, in FLAIR mode and in top-k mode, with the
-per-image loop (`per_image_scores` below, what the official evaluation does; 10_retrieval §1) and
+per-image loop (`per_image_scores` below, what the official evaluation does; 12_retrieval §1) and
 with the chunked path (`score_embeddings`, the texts' queries prepared once beforehand, as
 `retrieval_scores` does for a whole evaluation), all in the same run. The images are timed in blocks of
 `block`, every variant on the same block in turn, `repeats` rounds, and a variant's time is the sum
@@ -16,7 +16,7 @@ memory above what the inputs occupy (Linux: the resident high-water mark, reset 
 variant, scoring all images at once).
 
 Writes OUT.json (the data, with the command, machine, torch version, threads and date) and OUT.md (the table that
-10_retrieval §5 shows); OUT defaults to results/retrieval_speed.
+12_retrieval §5 shows); OUT defaults to results/retrieval_speed.
 """
 import argparse, ctypes, sys, time
 from pathlib import Path

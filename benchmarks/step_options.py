@@ -1,11 +1,11 @@
-"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (09_train §12).
+"""What a FLAIR training step costs on the CPU besides the towers, and what the memory knobs trade (11_train §9).
 
     python benchmarks/step_options.py [--steps 10] [--option-steps 5] [--overhead-steps 5] [--out results/step_options]
 
 Three measurements, all single-threaded (`--threads 1`) and with the tiny towers of `FlairConfig.tiny()`:
 
 * flair_min's step against a straightforward one, on the same batch and the same starting weights: the tiny model
-  with the CLIP vocabulary, B = 32 toy-world images (08_toyworld) with K = 8 sampled sub-captions each. The
+  with the CLIP vocabulary, B = 32 toy-world images (09_toyworld) with K = 8 sampled sub-captions each. The
   straightforward step builds the labels of both losses and picks the negatives in Python loops, as the official
   code does, and tokenizes the sub-caption strings inside the step; flair_min's gets token ids from its loader and
   builds indices and labels as tensor expressions (04_losses). Samples per second (the median step, the two steps
@@ -33,7 +33,8 @@ from flair_min.losses import downsample_caption_indices, draw_negative_offsets, 
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.tokenizer import SimpleTokenizer
 from flair_min.toyworld import make_scene
-from flair_min.train import Trainer, TrainConfig, create_optimizer
+from flair_min.recipe import TrainConfig, create_optimizer
+from flair_min.train import Trainer
 from results_file import run_facts, write_results
 
 ROOT = Path(__file__).resolve().parents[1]

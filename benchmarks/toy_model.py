@@ -4,10 +4,10 @@
     python benchmarks/toy_model.py --measure    # only measure the file already in flair_min/assets/
 
 It trains exactly the FLAIR half of `flair-min demo` (DemoConfig(): seed 0, 4,000 training scenes, 1,600 steps;
-`train_demo_model`, 15_demo), writes its weights as float16 to flair_min/assets/flair-toy.pt (what
-`create_model_and_transforms('FLAIR-toy', pretrained='toyworld')` loads, 13_pretrained), then loads that file back
+`train_demo_model`, 17_demo), writes its weights as float16 to flair_min/assets/flair-toy.pt (what
+`create_model_and_transforms('FLAIR-toy', pretrained='toyworld')` loads, 15_pretrained), then loads that file back
 through the released-weights API and measures it on fresh toy scenes: an evaluation split of its own seed (20,000:
-neither the training scenes nor the demo's held-out split), with 14_toy_eval's metrics and their chance levels.
+neither the training scenes nor the demo's held-out split), with 16_toy_eval's metrics and their chance levels.
 Deterministic from the seed on one machine (same torch, same thread count). Writes results/toy_model.{json,md}.
 """
 import argparse, sys

@@ -1,4 +1,4 @@
-"""How fast the toy world (08_toyworld) makes its training shards on the CPU.
+"""How fast the toy world (09_toyworld) makes its training shards on the CPU.
 
     python benchmarks/toy_write_speed.py [--scenes 500] [--samples 20000] [--workers 2] [--out results/toy_write_speed]
 

@@ -4,7 +4,7 @@
     python benchmarks/train_speed.py --demo [--out results/demo_step_speed]
 
 The model is a ViT-T FLAIR (embed 128; vision 64 px, patch 8, width 128, 4 layers, head width 64; text context 32,
-CLIP vocabulary, width 128, 2 heads, 4 layers); the batch is 64 toy-world images (08_toyworld) with K = 4 sampled
+CLIP vocabulary, width 128, 2 heads, 4 layers); the batch is 64 toy-world images (09_toyworld) with K = 4 sampled
 sub-captions each, fp32. Variants, timed in turn on the same batch and the same starting weights, `--rounds` rounds
 of `--steps` steps each (the machine's load hits all variants alike; a variant's time is its median step):
 
@@ -12,9 +12,9 @@ of `--steps` steps each (the machine's load hits all variants alike; a variant's
 * text tower trimmed: the texts run sorted by length in buckets of 64, each only up to its longest text's
   end-of-text, and the last block only at each end-of-text (FLAIR.embed_text and TextTransformer.global_tokens,
   02_model; exact: the attention is causal and a text's embedding is read at its end-of-text);
-* text tower trimmed + fused AdamW: also the optimizer's fused kernel (TrainConfig.fused_optimizer, 09_train).
+* text tower trimmed + fused AdamW: also the optimizer's fused kernel (TrainConfig.fused_optimizer, 10_recipe).
 
-With `--demo`, the model and the batch are those of `flair-min demo` (15_demo: the toy FLAIR, 32 images × K = 8
+With `--demo`, the model and the batch are those of `flair-min demo` (17_demo: the toy FLAIR, 32 images × K = 8
 sub-captions of 77 tokens from its loader).
 
 It checks that the variants compute the same loss and gradients (to float tolerance), and measures the machine's
@@ -32,7 +32,8 @@ from flair_min.losses import FlairLoss
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.tokenizer import get_tokenizer
 from flair_min.toyworld import join_sentences, make_scene
-from flair_min.train import TrainConfig, Trainer
+from flair_min.recipe import TrainConfig
+from flair_min.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = FlairConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=4, vision_heads=2,

@@ -253,20 +253,22 @@ def _running(pid: int) -> bool:
     except PermissionError: pass        # it runs, as another user
     return True
 
-def prepare_run_folder(out_dir) -> Path:
-    "Create out_dir/checkpoints and test-write a file there (a clear error if that fails); remove stale temporaries."
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"out_dir={str(out_dir)!r} is a file; expected a folder for the run's checkpoints "
-                                 f"(or a path where one can be created)")
-    folder = out_dir / 'checkpoints'
+def writable_folder(folder, what: str) -> Path:
+    "`folder`, made if missing and test-written; else an error that names `what` (an option) and why it cannot be."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what}: {folder} is a file; expected a folder to write into "
+                                 f"(an existing one, or a path where one can be made)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f'.write-test.{os.getpid()}.tmp'
-        probe.write_bytes(b'flair_min'); probe.unlink()
-    except OSError as e:
-        raise type(e)(f"out_dir={str(out_dir)!r}: cannot write in {folder} ({e.strerror or e}); "
-                      f"expected a folder this process can create and write to") from e
+        probe.write_bytes(b''); probe.unlink()
+    except OSError as e: raise type(e)(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    return folder
+
+def prepare_run_folder(out_dir) -> Path:
+    "out_dir/checkpoints, made and test-written (`writable_folder`), without the temporaries of killed writes."
+    folder = writable_folder(writable_folder(out_dir, 'out_dir') / 'checkpoints', 'out_dir')
     if stale := remove_stale_temporaries(folder):
         print(f"removed {len(stale)} temporary file(s) left in {folder} by checkpoint writes that were killed: "
               + ', '.join(p.name for p in stale), flush=True)

@@ -131,7 +131,7 @@ def _config_fields(config) -> dict:
     return fields_
 
 _PRESETS = {'ViT-B-16-FLAIR': FlairConfig, 'tiny': FlairConfig.tiny,
-            # the toy world's FLAIR (15_demo): 64-px images in 8-px patches, width 64, CLIP's 77-token texts
+            # the toy world's FLAIR (17_demo): 64-px images in 8-px patches, width 64, CLIP's 77-token texts
             'FLAIR-toy': lambda: FlairConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=64,
                                              vision_layers=3, vision_heads=1, text_width=64, text_layers=2,
                                              text_heads=1)}

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.losses import init_distributed
-from flair_min.train import Trainer, TrainConfig
+from flair_min.recipe import TrainConfig
+from flair_min.train import Trainer
 
 RUNS = {'flair': dict(loss='flair', distributed_loss='gather'), 'mps': dict(loss='mps'),
         'flair_accum': dict(loss='flair', accum_steps=2, distributed_loss='gather')}

@@ -1,4 +1,4 @@
-"""The small files under data/toy/ that the data tests read, written from the toy world (08_toyworld).
+"""The small files under data/toy/ that the data tests read, written from the toy world (09_toyworld).
 
 Regenerate the committed files (from the repository root) with `python tests/fixtures.py`; every test
 run regenerates them into a temporary folder and compares them with what is committed

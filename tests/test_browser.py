@@ -1,4 +1,4 @@
-"""The localization explorer (12_localization) in a real browser: JupyterLab in a subprocess, headless Chromium driven
+"""The localization explorer (14_localization) in a real browser: JupyterLab in a subprocess, headless Chromium driven
 by selenium. A small notebook trains the tiny FLAIR on the toy world for a few seconds and shows `Explorer.widget()`;
 the test runs all its cells from JupyterLab's Run menu, checks that the widgets and the overlay appear (the head
 dropdown showing "mean of heads"), types a sentence and reads the redrawn overlay's title back out of the PNG in the
@@ -319,9 +319,9 @@ def _write_results(clock: dict, trained: str):
 ![the explorer in JupyterLab](explorer_jupyterlab.png)
 
 `tests/test_browser.py` writes a three-cell notebook, opens it in JupyterLab in headless Chromium (selenium) and
-runs all cells from the Run menu. The first cell trains the tiny toy-world FLAIR of `15_demo` for a few seconds:
+runs all cells from the Run menu. The first cell trains the tiny toy-world FLAIR of `17_demo` for a few seconds:
 {trained}.
-The second shows `Explorer(model, images).widget()` (`12_localization` §5) over three held-out toy scenes.
+The second shows `Explorer(model, images).widget()` (`14_localization` §5) over three held-out toy scenes.
 
 The screenshot is taken after the test typed the sentence "{TYPED}" into the sentence box and
 picked the map kind patch_cosine: the overlay is the redrawn map, titled with that sentence and kind (the test reads

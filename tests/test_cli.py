@@ -14,7 +14,8 @@ from flair_min.cli import main
 from flair_min.checkpoint import StateDictMismatchError, save_checkpoint
 from flair_min.model import FLAIR, FlairConfig
 from flair_min.tokenizer import get_tokenizer
-from flair_min.train import TrainConfig, Trainer
+from flair_min.recipe import TrainConfig
+from flair_min.train import Trainer
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 
@@ -490,11 +491,11 @@ def test_training_knobs_are_checked_before_the_work(tmp_path, capsys):
 
 def test_data_options_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
     "What DataConfig refuses (here a stand-in that refuses more than 64 workers) is refused before any work."
-    import flair_min.train
-    class FewWorkers(flair_min.train.DataConfig):
+    import flair_min.recipe
+    class FewWorkers(flair_min.recipe.DataConfig):
         def __post_init__(self):
             if self.num_workers > 64: raise ValueError(f'num_workers={self.num_workers}: expected at most 64')
-    monkeypatch.setattr(flair_min.train, 'DataConfig', FewWorkers)   # the run builder makes the DataConfig
+    monkeypatch.setattr(flair_min.recipe, 'DataConfig', FewWorkers)   # the run builder makes the DataConfig
     code, _, err = run_main(train_argv(tmp_path / 'run', '--workers', '65'), capsys)
     assert (code, err) == (2, 'flair-min train: error: num_workers=65: expected at most 64\n')
     assert not (tmp_path / 'run').exists()

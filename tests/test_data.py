@@ -12,8 +12,8 @@ from PIL import Image
 from conftest import ROOT
 from fixtures import write_damaged_tar, write_damaged_targz
 from flair_min.captions import DREAMLIP_FIELDS, caption_pool, sample_subcaptions
-from flair_min.data import (DROPPED, SKIP_KINDS, DataConfig, ShardStream, SkipSample, TableStream, TrainLoader,
-                            as_rgb, is_blank, load_table, make_pipeline, make_train_loader, raw_record, sentence_pool,
+from flair_min.samples import SKIP_KINDS, SkipSample, as_rgb, is_blank, make_pipeline, raw_record, sentence_pool
+from flair_min.data import (DROPPED, DataConfig, ShardStream, TableStream, TrainLoader, load_table, make_train_loader,
                             source_kind)
 from flair_min.shards import expand_urls, tar_samples, write_shard
 from flair_min.cc3m import cc3m_recap_loader
@@ -287,7 +287,7 @@ def test_toy_world(num_workers):
 def test_training_converts_to_rgb_before_the_crop(mode):
     "As the official loader (decode 'pilrgb', then the random crop): a non-RGB image is converted first."
     import io as _io, json as _json, random as _random
-    from flair_min.data import seeded
+    from flair_min.samples import seeded
     rng = np.random.default_rng(1)
     rgba = Image.fromarray(rng.integers(0, 256, (40, 56, 4), dtype=np.uint8), 'RGBA')     # alpha varies per pixel
     image = ({'P': rgba.convert('RGB').convert('P', palette=Image.ADAPTIVE), 'RGBA': rgba}.get(mode)

@@ -1,4 +1,4 @@
-"""The main job, `flair-min demo` (nbs/15_demo): an end-to-end run of a small configuration through the
+"""The main job, `flair-min demo` (nbs/17_demo): an end-to-end run of a small configuration through the
 command-line arguments, its settings, and its training batches (the evaluation pieces: tests/test_toy_eval.py)."""
 import argparse, json
 

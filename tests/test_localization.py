@@ -1,4 +1,4 @@
-"""Localization (12_localization): the three maps against the official formulas (flair_maps.pt), their shapes and
+"""Localization (14_localization): the three maps against the official formulas (flair_maps.pt), their shapes and
 ranges on a model with the CLIP vocabulary, overlays scaled as the official pictures, the pointing game, mIoU on
 hand-made masks and on a VOC folder in the real layout, and the explorer's update without a browser."""
 import math

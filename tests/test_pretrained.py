@@ -212,7 +212,8 @@ def test_a_bare_state_dict_loads_with_the_config_its_shapes_imply(flair_tiny, tm
 
 def test_a_flair_min_training_checkpoint_loads_with_its_stored_config(flair_tiny, tmp_path):
     "`flair-min train`'s runs/x/checkpoints/latest.pt: its stored config wins over the shapes; no warning."
-    from flair_min.train import Trainer, TrainConfig
+    from flair_min.recipe import TrainConfig
+    from flair_min.train import Trainer
     torch.manual_seed(0)
     trainer = Trainer(FLAIR(FOUR_HEADS), TrainConfig(steps=1, warmup=1, progress=False, out_dir=str(tmp_path / 'x')))
     latest = trainer.save()

@@ -1,4 +1,4 @@
-"""The Colab recipe (nbs/16_small_scale.ipynb) on the CPU: GPU presets and how one is chosen (the step measurement
+"""The Colab recipe (nbs/18_small_scale.ipynb) on the CPU: GPU presets and how one is chosen (the step measurement
 behind them is checked in the notebook, where it is defined), `train_small` on the toy shards (checkpoint,
 resume='latest', the released-weights loader) and the held-out retrieval evaluation with the official metric keys."""
 import argparse, json

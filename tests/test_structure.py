@@ -75,6 +75,12 @@ def test_one_job_per_module(path):
     assert len(jobs) <= 1, f'{path.stem} holds {jobs}'
 
 
+@pytest.mark.parametrize('path', MODULES, ids=lambda p: p.stem)
+def test_no_module_is_over_about_450_lines(path):
+    "A module is one job a reader can hold in mind: at most about 450 lines (460)."
+    assert len(path.read_text().splitlines()) <= 460, f'{path.stem} has {len(path.read_text().splitlines())} lines'
+
+
 def test_each_job_has_its_module():
     found = {job: [p.stem for p in MODULES if seen(ast.parse(p.read_text()))] for job, seen in JOBS.items()}
     assert found == {'model': ['model'], 'checkpoint I/O': ['checkpoint'], 'losses': ['losses'],

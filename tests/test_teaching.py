@@ -228,8 +228,8 @@ def test_flair_in_one_notebook_stands_alone():
     assert course.index('flair_in_one_notebook') < course.index('00_tokenizer')
 
 
-@pytest.mark.parametrize('stem', ['00_tokenizer', '01_captions', '02_model', '04_losses', '10_retrieval',
-                                  '12_localization'])
+@pytest.mark.parametrize('stem', ['00_tokenizer', '01_captions', '02_model', '04_losses', '12_retrieval',
+                                  '14_localization'])
 def test_method_notebooks_end_with_checked_exercises(stem):
     "3 to 5 exercises, each with a visible cell that leaves the check to the reader and a hidden, collapsed solution"
     cs = cells(NBS / f'{stem}.ipynb')

@@ -1,4 +1,4 @@
-"""Evaluating a model on the toy world's held-out split (nbs/14_toy_eval): the pieces against naive versions."""
+"""Evaluating a model on the toy world's held-out split (nbs/16_toy_eval): the pieces against naive versions."""
 import numpy as np
 import pytest
 import torch

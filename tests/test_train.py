@@ -1,4 +1,4 @@
-"""Properties of the training loop (nbs/09_train.ipynb) beyond the notebook's own checks: exact accumulation
+"""Properties of the training loop (nbs/11_train.ipynb) beyond the notebook's own checks: exact accumulation
 through the optimizer, exact resume with accumulation across an epoch boundary, atomic checkpoints under a
 failing write, the released-weights loader, CPU precision, the 'mps' baseline, optional TensorBoard, two gloo
 processes against one, the `flair-min train` entry point on toy-world shards, the recipes' scale and the run builder
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from conftest import ROOT
 from flair_min.data import DataConfig, make_train_loader
 from flair_min.model import FLAIR, FlairConfig
-from flair_min import train as T
+from flair_min import recipe as R, train as T
 from flair_min.model import autocast
 from flair_min.losses import make_loss
 from ddp_train_worker import RUNS, global_batches, micro_batches, train_run
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')   # conftest.py
 def tiny_trainer(**knobs):
     torch.manual_seed(knobs.pop('init_seed', 0))
     return T.Trainer(FLAIR(FlairConfig.tiny()),
-                     T.TrainConfig(**{'steps': 4, 'warmup': 1, 'lr': 1e-3, 'progress': False, **knobs}))
+                     R.TrainConfig(**{'steps': 4, 'warmup': 1, 'lr': 1e-3, 'progress': False, **knobs}))
 
 
 class Captioned(Dataset):
@@ -45,7 +45,7 @@ class Captioned(Dataset):
 
 def test_param_groups_follow_the_official_rule():
     model = FLAIR(FlairConfig.tiny())
-    no_decay, decay = T.param_groups(model, 0.5)
+    no_decay, decay = R.param_groups(model, 0.5)
     names = {id(p): n for n, p in model.named_parameters()}
     for p in decay['params']:
         assert p.ndim >= 2 and not any(s in names[id(p)] for s in ('ln', 'bias', 'logit_scale'))
@@ -217,7 +217,7 @@ def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
         assert loader.persistent_workers and loader.dataset.pipeline.transform.transforms[0].scale == (0.9, 1.0)
         torch.manual_seed(knobs.pop('init_seed', 0))
         model = FLAIR(FlairConfig(**{**vars(FlairConfig.tiny()), 'vocab_size': 49408}))
-        return T.Trainer(model, T.TrainConfig(steps=9, warmup=1, lr=1e-3, progress=False,
+        return T.Trainer(model, R.TrainConfig(steps=9, warmup=1, lr=1e-3, progress=False,
                                               **knobs)).fit(loader, until=until)
     straight = run()
     run(until=8, out_dir=str(tmp_path))                                            # stops at batch 2 of epoch 1
@@ -245,21 +245,21 @@ def test_resume_is_exact_with_random_crops_in_persistent_workers(tmp_path):
     ('steps', 2.5, 'steps=2.5: expected an int >= 1'), ('seed', -1, 'seed=-1: expected an int >= 0')])
 def test_knobs_out_of_range_are_refused(knob, value, expected):
     with pytest.raises(ValueError) as e:
-        T.TrainConfig(**{knob: value})
+        R.TrainConfig(**{knob: value})
     assert expected in str(e.value)
 
 
 def test_every_bad_knob_is_named_in_one_error():
     with pytest.raises(ValueError) as e:
-        T.TrainConfig(steps=0, lr=-1, grad_clip_norm=0)
+        R.TrainConfig(steps=0, lr=-1, grad_clip_norm=0)
     assert str(e.value) == ('steps=0: expected an int >= 1; lr=-1: expected a finite number > 0; '
                             'grad_clip_norm=0: expected a finite number > 0, or None')
 
 
 def test_optional_knobs_accept_none_and_their_smallest_values():
     for value in (None, 1):
-        T.TrainConfig(save_every=value, eval_every=value, loss_chunk_size=value, grad_clip_norm=value)
-    T.TrainConfig(weight_decay=0, betas=(0, 0.5), warmup=0)
+        R.TrainConfig(save_every=value, eval_every=value, loss_chunk_size=value, grad_clip_norm=value)
+    R.TrainConfig(weight_decay=0, betas=(0, 0.5), warmup=0)
 
 
 def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
@@ -268,7 +268,7 @@ def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
         history = tiny_trainer(steps=6, warmup=1, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=6))
     assert history['step'] == [1, 2, 3, 4, 5, 6]
     assert all(lr > 0 for lr in history['lr'][3:]), history['lr']
-    assert history['lr'][3:] == pytest.approx([1e-3 * T.WarmupCosine(1, 6)(s) for s in range(3, 6)], abs=1e-15)
+    assert history['lr'][3:] == pytest.approx([1e-3 * R.WarmupCosine(1, 6)(s) for s in range(3, 6)], abs=1e-15)
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['scheduler']['lr_lambdas'][0] == {'warmup': 1, 'steps': 6}   # a later resume keeps it
 
@@ -287,7 +287,7 @@ def test_resume_with_another_lr_follows_it_and_says_so(tmp_path):
         history = tiny_trainer(steps=4, lr=2e-3, out_dir=str(tmp_path), resume='latest').fit(global_batches(steps=4))
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and 'the learning rate changed from 0.001 to 0.002' in said[0], said
-    assert history['lr'][2:] == pytest.approx([2e-3 * T.WarmupCosine(1, 4)(s) for s in (2, 3)], abs=1e-15)
+    assert history['lr'][2:] == pytest.approx([2e-3 * R.WarmupCosine(1, 4)(s) for s in (2, 3)], abs=1e-15)
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'latest.pt', weights_only=True)
     assert checkpoint['scheduler']['base_lrs'] == [2e-3, 2e-3] and checkpoint['train_config']['lr'] == 2e-3
     trainer = tiny_trainer(steps=4, lr=2e-3, weight_decay=0.1, eps=1e-6, out_dir=str(tmp_path))
@@ -328,7 +328,7 @@ def test_resume_into_another_model_is_refused(tmp_path):
     "Same tensor shapes, other heads: the checkpoint's stored config says the model differs."
     tiny_trainer(steps=2, out_dir=str(tmp_path)).fit(global_batches(steps=2), until=1)
     other = T.Trainer(FLAIR(dataclasses.replace(FlairConfig.tiny(), vision_heads=4)),
-                      T.TrainConfig(steps=2, warmup=1, lr=1e-3, progress=False, out_dir=str(tmp_path), resume='latest'))
+                      R.TrainConfig(steps=2, warmup=1, lr=1e-3, progress=False, out_dir=str(tmp_path), resume='latest'))
     with pytest.raises(ValueError, match=r"model differs from this one in \['vision_heads'\]"):
         other.fit(global_batches(steps=2))
 
@@ -449,7 +449,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, capsys, default_
 SIGTERM_RUN = """
 import sys, torch
 from flair_min.model import FLAIR, FlairConfig
-from flair_min import train as T
+from flair_min import recipe as R, train as T
 torch.set_num_threads(1)
 
 def endless():
@@ -464,7 +464,7 @@ class Endless:
     def __iter__(self): return endless()
 
 torch.manual_seed(0)
-config = T.TrainConfig(steps=10 ** 6, warmup=1, lr=1e-3, progress=False, out_dir=sys.argv[1])
+config = R.TrainConfig(steps=10 ** 6, warmup=1, lr=1e-3, progress=False, out_dir=sys.argv[1])
 try: T.Trainer(FLAIR(FlairConfig.tiny()), config).fit(Endless())
 except T.Interrupted as e: print('stopped by', e.signum.name, flush=True)
 """
@@ -573,10 +573,10 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
 
 def test_out_dir_that_is_a_file_fails_when_the_trainer_is_built(tmp_path):
     (tmp_path / 'run').write_text('a file')
-    with pytest.raises(NotADirectoryError, match=r"out_dir='.*run' is a file; expected a folder"):
+    with pytest.raises(NotADirectoryError, match=r"out_dir: .*run is a file; expected a folder"):
         tiny_trainer(out_dir=str(tmp_path / 'run'))
     (tmp_path / 'run2').mkdir(); (tmp_path / 'run2' / 'checkpoints').write_text('a file where the folder goes')
-    with pytest.raises(OSError, match=r"out_dir='.*run2': cannot write in .*checkpoints"):
+    with pytest.raises(OSError, match=r"out_dir: .*run2/checkpoints is a file; expected a folder"):
         tiny_trainer(out_dir=str(tmp_path / 'run2'))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['run', 'run2']
 
@@ -586,7 +586,7 @@ def test_out_dir_without_write_permission_fails_when_the_trainer_is_built(tmp_pa
     locked.mkdir(); locked.chmod(0o500)
     try:
         if os.access(locked, os.W_OK): pytest.skip('permission bits are not enforced here (running as root)')
-        with pytest.raises(PermissionError, match=r"out_dir='.*locked': cannot write in"):
+        with pytest.raises(PermissionError, match=r"out_dir: cannot write in .*locked"):
             tiny_trainer(out_dir=str(locked))
     finally:
         locked.chmod(0o700)
@@ -627,7 +627,7 @@ def test_fused_adamw_takes_the_same_steps():
         model = FLAIR(FlairConfig.tiny())
         # eps=1e-4: gradients that are zero in exact arithmetic (key biases) differ in round-off between the two
         # kernels, and Adam with eps=1e-8 would turn that round-off into full-size updates (as in ddp_train_worker)
-        trainer = T.Trainer(model, T.TrainConfig(steps=3, warmup=1, lr=1e-3, eps=1e-4, progress=False, device='cpu',
+        trainer = T.Trainer(model, R.TrainConfig(steps=3, warmup=1, lr=1e-3, eps=1e-4, progress=False, device='cpu',
                                                  fused_optimizer=fused))
         assert trainer.optimizer.defaults['fused'] == (fused or None)
         for batch in global_batches(steps=3): trainer.train_step([batch])
@@ -671,40 +671,40 @@ def test_the_trainer_tells_the_loader_each_epoch_and_counts_its_skips():
 
 
 def test_recipes_state_the_scale_of_each_official_run():
-    scale = {name: (r.gpus, r.gpus_in_scripts, r.samples, r.workers) for name, r in T.RECIPES.items()}
+    scale = {name: (r.gpus, r.gpus_in_scripts, r.samples, r.workers) for name, r in R.RECIPES.items()}
     assert scale == {'cc3m': (8, None, 2_823_019, 48), 'cc12m': (32, None, 10_010_225, 48),
                      'yfcc15m': (32, 8, 14_065_827, 48), 'merged30m': (32, 8, 27_000_000, 48)}
-    for r in T.RECIPES.values():   # OpenCLIP's webdataset loader: batches rounded up to a multiple of its workers
+    for r in R.RECIPES.values():   # OpenCLIP's webdataset loader: batches rounded up to a multiple of its workers
         assert r.steps_per_epoch == math.ceil(math.ceil(r.samples / (r.batch_size * r.gpus)) / 48) * 48
-    assert [r.steps_per_epoch for r in T.RECIPES.values()] == [2784, 1632, 2304, 6624]
+    assert [r.steps_per_epoch for r in R.RECIPES.values()] == [2784, 1632, 2304, 6624]
 
 
 def test_build_run_fills_both_configs_from_a_recipe():
     with warnings.catch_warnings():
         warnings.simplefilter('error')                                  # each recipe on its own scale: no warning
-        cc3m, data = T.build_run(FlairConfig(), 'cc3m', world=8, num_samples=2_823_019, num_workers=48)
-        merged, merged_data = T.build_run(FlairConfig(), T.RECIPES['merged30m'], world=32, num_samples=27_000_000,
+        cc3m, data = R.build_run(FlairConfig(), 'cc3m', world=8, num_samples=2_823_019, num_workers=48)
+        merged, merged_data = R.build_run(FlairConfig(), R.RECIPES['merged30m'], world=32, num_samples=27_000_000,
                                           num_workers=48)
-    assert cc3m == T.TrainConfig(steps=32 * 2784)                       # the defaults are CC3M's recipe
+    assert cc3m == R.TrainConfig(steps=32 * 2784)                       # the defaults are CC3M's recipe
     assert (data.batch_size, data.num_captions, data.image_size, data.context_length, data.seed) == (128, 8, 224, 77, 0)
     assert (merged.steps, merged.eps, merged.weight_decay) == (32 * 6624, 1e-6, 0.2)
     assert (merged_data.batch_size, merged_data.num_captions) == (128, 10)
     with pytest.warns(UserWarning):
-        train, data = T.build_run(FlairConfig.tiny(), 'cc12m', steps=7, lr=1e-3, batch_size=None, num_captions=4,
+        train, data = R.build_run(FlairConfig.tiny(), 'cc12m', steps=7, lr=1e-3, batch_size=None, num_captions=4,
                                   precision='fp32', seed=5, out_dir='run', num_workers=0)
     assert (train.steps, train.lr, train.weight_decay, train.precision, train.seed, train.out_dir) == \
         (7, 1e-3, 0.5, 'fp32', 5, 'run')
     assert (data.batch_size, data.num_captions, data.seed, data.image_size, data.context_length, data.num_workers) == \
         (192, 4, 5, 32, 16, 0)                                          # None: unset; sizes: the model config's
-    train, data = T.build_run(FlairConfig.tiny(), steps=3)              # no recipe: the dataclasses' defaults
-    assert (train, data) == (T.TrainConfig(steps=3), DataConfig(image_size=32, context_length=16, seed=0))
+    train, data = R.build_run(FlairConfig.tiny(), steps=3)              # no recipe: the dataclasses' defaults
+    assert (train, data) == (R.TrainConfig(steps=3), DataConfig(image_size=32, context_length=16, seed=0))
 
 
 @pytest.mark.skipif(not (ROOT / 'data' / 'toy' / 'toy-train-000000.tar').exists(),
                     reason='the toy world has not written data/toy yet')
 @pytest.mark.parametrize('world, workers, accum_steps, epochs', [(1, 0, 1, 1), (1, 2, 2, 2), (3, 2, 1, 1.5)])
 def test_build_run_counts_the_steps_of_flair_min_loader(world, workers, accum_steps, epochs):
-    train, data = T.build_run(FlairConfig.tiny(), epochs=epochs, world=world, num_samples=1001, batch_size=4,
+    train, data = R.build_run(FlairConfig.tiny(), epochs=epochs, world=world, num_samples=1001, batch_size=4,
                               num_workers=workers, accum_steps=accum_steps)
     loader = make_train_loader(str(ROOT / 'data' / 'toy' / 'toy-train-*.tar'), data, rank=0, world_size=world)
     assert train.steps == int(epochs * len(loader)) // accum_steps
@@ -714,9 +714,9 @@ def test_a_recipe_on_another_world_size_warns():
     with pytest.warns(UserWarning, match=r'^the CC3M-recap recipe was trained on 8 GPUs; this run has 1 process\(es\), '
                                          r'so its global batch \(128 images, official 1024\), the ring of negatives '
                                          r'and the steps per epoch differ$'):
-        T.build_run(FlairConfig.tiny(), 'cc3m', steps=10)
+        R.build_run(FlairConfig.tiny(), 'cc3m', steps=10)
     with pytest.warns(UserWarning, match=r'on 32 GPUs \(its official Slurm script requests 8\); this run has 8'):
-        T.build_run(FlairConfig.tiny(), 'yfcc15m', world=8, steps=10)
+        R.build_run(FlairConfig.tiny(), 'yfcc15m', world=8, steps=10)
 
 
 @pytest.mark.parametrize('settings, error, expected', [
@@ -731,5 +731,5 @@ def test_a_recipe_on_another_world_size_warns():
     (dict(steps=5, batch_size=0), ValueError, 'batch_size')])
 def test_build_run_refuses_bad_settings(settings, error, expected):
     with pytest.raises(error) as e:
-        T.build_run(FlairConfig.tiny(), **settings)
+        R.build_run(FlairConfig.tiny(), **settings)
     assert expected in str(e.value)
