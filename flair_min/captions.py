@@ -48,9 +48,9 @@ def sample_subcaption_indices(n: int, k: int, max_merged: int = 3, rng=None) -> 
     rng = make_rng(rng)
     return [draw_subcaption(n, max_merged, rng) for _ in range(k)]
 
-# %% ../nbs/01_captions.ipynb #dd660b52
-def check_sentences(sentences) -> None:
-    "Raise if `sentences` is not a non-empty sequence of strings."
+# %% ../nbs/01_captions.ipynb #037528cd
+def sample_subcaptions(sentences: Sequence[str], k: int, max_merged: int = 3, rng=None) -> list[str]:
+    "FLAIR's diverse sampling: `k` sub-captions of 1 to `max_merged` sentences joined with '. '."
     if isinstance(sentences, str) or not isinstance(sentences, Sequence):
         raise TypeError(f"sentences is a {type(sentences).__name__}; "
                         "expected a list of strings (see split_caption, caption_pool)")
@@ -58,11 +58,6 @@ def check_sentences(sentences) -> None:
     for i, sentence in enumerate(sentences):
         if not isinstance(sentence, str):
             raise TypeError(f"sentences[{i}] is a {type(sentence).__name__}; expected a string")
-
-# %% ../nbs/01_captions.ipynb #037528cd
-def sample_subcaptions(sentences: Sequence[str], k: int, max_merged: int = 3, rng=None) -> list[str]:
-    "FLAIR's diverse sampling: `k` sub-captions of 1 to `max_merged` sentences joined with '. '."
-    check_sentences(sentences)
     indices = sample_subcaption_indices(len(sentences), k, max_merged, rng)
     return ['. '.join(sentences[i] for i in idx) for idx in indices]
 

@@ -22,7 +22,6 @@ _logger = logging.getLogger(__name__)
 # %% ../nbs/08_cc3m.ipynb #6e009132
 CC3M_WDS_REPO = 'pixparse/cc3m-wds'
 CC3M_WDS_SHARDS = {'train': 576, 'validation': 16}             # shards per split
-CC3M_WDS_SAMPLES = {'train': 2_905_954, 'validation': 13_443}   # samples per split
 DREAMLIP_CC3M_CSV = 'hf://datasets/qidouxiong619/dreamlip_long_captions/cc3m_3long_3short_1raw_captions_url.csv'
 DREAMLIP_URL_COLUMN = 'Image Path'                              # the CSV's image URL column
 
@@ -87,8 +86,7 @@ def write_recap_shard(source, captions: dict[str, dict[str, str]], out) -> tuple
             except (KeyError, ValueError, TypeError): dropped += 1; continue
             if ext is None: dropped += 1; continue
             yield {'__key__': sample['__key__'], ext: sample[ext], 'json': recap_record(meta, text)}
-    written = write_shard(out, joined())
-    return written, dropped
+    return write_shard(out, joined()), dropped          # the shard is written (and `dropped` counted) first
 
 # %% ../nbs/08_cc3m.ipynb #f38d6190
 def prepare_cc3m_recap(out_dir, num_shards: int = 4, *, image_shards=None, captions_csv: str = DREAMLIP_CC3M_CSV,

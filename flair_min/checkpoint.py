@@ -88,11 +88,9 @@ def read_checkpoint(path, map_location='cpu'):
     if not path.is_file(): raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:   # a refusal, or bytes the unpickler could not read
-        name = refused_global(e)
+    except Exception as e:   # a refusal (an UnpicklingError naming a GLOBAL), or bytes torch could not read
+        name = refused_global(e) if isinstance(e, pickle.UnpicklingError) else None
         if name and (_holds_code(name, e) or file_format(path) != 'other'): raise _refused(path, name, e) from e
-        raise _unreadable(path, e) from e
-    except Exception as e:
         raise _unreadable(path, e) from e
 
 # %% ../nbs/03_checkpoint.ipynb #8eb7ff00
@@ -237,13 +235,10 @@ def link_checkpoint(source: Path, target: Path) -> Path:
 # %% ../nbs/03_checkpoint.ipynb #dc47fef0
 def remove_stale_temporaries(folder) -> list[Path]:
     "Delete the .NAME.PID.tmp files in `folder` whose process no longer runs (writes killed mid-way); list them."
-    stale = [p for p in Path(folder).glob('.*.tmp') if (pid := _writer_pid(p)) is not None and not _running(pid)]
+    stale = [p for p in Path(folder).glob('.*.tmp')
+             if (pid := re.fullmatch(r'\..+\.(\d+)\.tmp', p.name)) and not _running(int(pid.group(1)))]
     for p in stale: p.unlink(missing_ok=True)
     return stale
-
-def _writer_pid(path: Path) -> int | None:
-    match = re.fullmatch(r'\..+\.(\d+)\.tmp', path.name)
-    return int(match.group(1)) if match else None
 
 def _running(pid: int) -> bool:
     "Whether process `pid` runs on this machine (signal 0 asks without sending anything; POSIX only)."

@@ -173,20 +173,13 @@ def run_configs(args, model_config: FlairConfig, world: int = 1):
         **options, 'betas': tuple(args.betas), 'num_workers': args.workers, 'out_dir': args.out,
         'progress': not args.no_progress})
 
-def _build_loader(args, data_config, rank: int, world: int):
-    "The training loader of `--data` with `data_config`."
-    source = toy_shards(Path(args.out) / 'toy-data', args.toy_samples, rank) if args.data == 'toy' else args.data
-    if source == CC3M_RECAP: return cc3m_recap_loader(data_config, rank=rank, world_size=world)
-    return make_train_loader(source, data_config, rank=rank, world_size=world)
-
-def _check_new_run(args) -> Path:
-    "--out, writable and holding no other run (unless --resume or --overwrite); else an error saying what to do."
+def _check_new_run(args) -> None:
+    "Refuse an --out that cannot be written or holds another run (unless --resume or --overwrite), saying what to do."
     out = writable_folder(args.out, '--out')
     found = [name for name in ('checkpoints/latest.pt', 'history.json') if (out / name).exists()]
     if found and args.resume is None and not args.overwrite:
         raise ValueError(f"--out {out} holds another run ({', '.join(found)}): continue it with --resume latest, "
                          f"replace it with --overwrite, or choose another --out")
-    return out
 
 def run_train(args) -> dict:
     "`flair-min train`: train a FLAIR model as the parsed options say; returns the history."
@@ -199,7 +192,9 @@ def run_train(args) -> dict:
         torch.manual_seed(args.seed)                                 # the initial weights, unless --pretrained
         model = FLAIR(config)
         if args.pretrained: load_checkpoint(model, resolve_pretrained(args.pretrained), nonfinite='raise')
-        loader = _build_loader(args, data_config, rank, world)
+        source = toy_shards(Path(args.out) / 'toy-data', args.toy_samples, rank) if args.data == 'toy' else args.data
+        loader = (cc3m_recap_loader(data_config, rank=rank, world_size=world) if source == CC3M_RECAP
+                  else make_train_loader(source, data_config, rank=rank, world_size=world))
         extra = {'args': {k: _plain(v) for k, v in vars(args).items()}}
         history = Trainer(model, train_config).fit(loader, extra=extra)
     finally:
@@ -367,33 +362,24 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
                argparse.ArgumentError, argparse.ArgumentTypeError)
 _RUN_ERRORS = (TrainingDiverged, OSError)   # the run started and failed: diverged, the network, the disk
 
-def _exit_status(e: BaseException) -> int | None:
-    "The exit status `main` reports `e` with in one line; None for a bug, whose traceback is shown."
-    if isinstance(e, Interrupted): return 128 + e.signum               # it printed where it saved
-    if isinstance(e, KeyboardInterrupt): return 130
-    if isinstance(e, _USER_ERRORS): return 2
-    if isinstance(e, _RUN_ERRORS): return 1
-    return None
-
-def _message(job: str, e: BaseException) -> str:
-    "What `main` prints for `e`: nothing after a saved interruption, else one line naming the job."
-    if isinstance(e, Interrupted): return ''
-    if isinstance(e, KeyboardInterrupt): return f"flair-min {job}: interrupted\n"
+def _report(job: str, e: BaseException) -> tuple[int | None, str]:
+    "(exit status, what `main` prints) for `e`: one line naming the job; status None for a bug, whose traceback shows."
+    if isinstance(e, Interrupted): return 128 + e.signum, ''            # it printed where it saved
+    if isinstance(e, KeyboardInterrupt): return 130, f"flair-min {job}: interrupted\n"
     named = isinstance(e, OSError) and e.strerror and e.filename   # '[Errno 28] ...' said as 'No space ...: <file>'
     text = f'{e.strerror}: {e.filename}' if named else str(e)
     if 'Original Traceback' in text:   # raised in a DataLoader worker: torch adds the worker's traceback; keep its end
         text = text.strip().splitlines()[-1].removeprefix(f'{type(e).__name__}: ')
-    return f"flair-min {job}: error: {text}\n"
-
-def _debug_option(parser, default=False):
-    parser.add_argument('--debug', action='store_true', default=default,
-                        help="on an error in the user's input, show the traceback, not only the message")
-    return parser
+    status = 2 if isinstance(e, _USER_ERRORS) else 1 if isinstance(e, _RUN_ERRORS) else None
+    return status, f"flair-min {job}: error: {text}\n"
 
 def build_parser() -> argparse.ArgumentParser:
     "The `flair-min` argument parser, one subparser per job."
-    parser = _debug_option(argparse.ArgumentParser(prog='flair-min', description='FLAIR, rebuilt notebook first.'))
-    debug = _debug_option(argparse.ArgumentParser(add_help=False), default=argparse.SUPPRESS)  # also after the job
+    parser = argparse.ArgumentParser(prog='flair-min', description='FLAIR, rebuilt notebook first.')
+    debug = argparse.ArgumentParser(add_help=False)                       # --debug after the job's name too
+    for p, default in ((parser, False), (debug, argparse.SUPPRESS)):
+        p.add_argument('--debug', action='store_true', default=default,
+                       help="on an error in the user's input, show the traceback, not only the message")
     jobs = parser.add_subparsers(dest='job', required=True)
     add = lambda name, help: jobs.add_parser(name, parents=[debug], help=help)
     add_demo_arguments(add('demo', 'toy world: FLAIR vs a global baseline, trained and compared on the CPU'))
@@ -414,9 +400,9 @@ def main(argv=None) -> int:
            'captions': lambda a: demo_text_pipeline(a.caption, k=a.k, seed=a.seed)}[args.job]
     try: job(args)
     except BaseException as e:
-        status = _exit_status(e)
+        status, message = _report(args.job, e)
         if args.debug or status is None: raise
-        parser.exit(status, _message(args.job, e))
+        parser.exit(status, message)
     return 0
 
 # %% ../nbs/19_cli.ipynb #2bd49c1a

@@ -321,18 +321,6 @@ def source_kind(source) -> str:
     raise ValueError(f"cannot tell what {source!r} is: expected tar shard URL(s), "
                      f"an image folder, parquet file(s) or a datasets.Dataset")
 
-def make_stream(source, pipeline: Callable, config: 'DataConfig', **kwargs) -> TrainStream:
-    "The TrainStream that reads `source` (see `source_kind`)."
-    kwargs = dict(resampled=config.resampled, num_samples=config.num_samples, batch_size=config.batch_size,
-                  seed=config.seed, max_workers=config.num_workers, **kwargs)   # a counter row for every worker
-    kind = source_kind(source)
-    if kind == 'shards' and isinstance(source, (str, Path)) and Path(source).is_dir():
-        source = str(Path(source) / '*.tar')
-    if kind == 'table':
-        name = source if isinstance(source, (str, Path)) else 'table'
-        return TableStream(load_table(source), pipeline, image_column=config.image_column,
-                           caption_column=config.caption_column, name=str(name), **kwargs)
-    return ShardStream(source, pipeline, shuffle_buffer=config.shuffle_buffer, **kwargs)
 
 # %% ../nbs/07_data.ipynb #1acbc2be
 class TrainLoader(DataLoader):
@@ -363,20 +351,26 @@ class TrainLoader(DataLoader):
 def make_train_loader(source, config: DataConfig | None = None, *, transform: Callable | None = None,
                       tokenizer: Callable | None = None, rank: int | None = None, world_size: int | None = None,
                       with_keys: bool = False, **overrides) -> TrainLoader:
-    "Batches (images (B, 3, H, W), texts (B, K, context_length)) from shards, a folder or parquet."
+    "Batches (images (B, 3, H, W), texts (B, K, context_length)) from shards, a folder or parquet (see `source_kind`)."
     names = {f.name for f in dataclasses.fields(DataConfig)}
     if unknown := sorted(set(overrides) - names):
         raise TypeError(f"unknown DataConfig fields {unknown}; expected some of {sorted(names)}")
     config = dataclasses.replace(config or DataConfig(), **overrides)
     pipeline = make_pipeline(config.image_size, config.num_captions, config.max_merged, config.context_length,
                              config.draft, transform, tokenizer)
-    stream = make_stream(source, pipeline, config, rank=rank, world_size=world_size, with_keys=with_keys)
+    kwargs = dict(resampled=config.resampled, num_samples=config.num_samples, batch_size=config.batch_size,
+                  seed=config.seed, rank=rank, world_size=world_size, with_keys=with_keys,
+                  max_workers=config.num_workers)                            # a counter row for every worker
+    if source_kind(source) == 'table':
+        stream = TableStream(load_table(source), pipeline, image_column=config.image_column,
+                             caption_column=config.caption_column,
+                             name=str(source) if isinstance(source, (str, Path)) else 'table', **kwargs)
+    else:
+        if isinstance(source, (str, Path)) and Path(source).is_dir(): source = str(Path(source) / '*.tar')
+        stream = ShardStream(source, pipeline, shuffle_buffer=config.shuffle_buffer, **kwargs)
+        if not config.resampled and len(stream.urls) < (splits := max(1, config.num_workers) * stream.world_size):
+            _logger.warning('%d shards for %d reading processes: some read nothing; use more shards or resampled=True',
+                            len(stream.urls), splits)
     stream.num_workers = config.num_workers
-    splits = max(1, config.num_workers) * stream.world_size
-    if isinstance(stream, ShardStream) and not config.resampled and len(stream.urls) < splits:
-        _logger.warning('%d shards for %d reading processes: some read nothing; use more shards or resampled=True',
-                        len(stream.urls), splits)
-    workers = config.num_workers > 0
     return TrainLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers, drop_last=True,
-                       pin_memory=torch.cuda.is_available(), persistent_workers=workers,
-                       prefetch_factor=2 if workers else None)
+                       pin_memory=torch.cuda.is_available(), persistent_workers=config.num_workers > 0)

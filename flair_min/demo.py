@@ -154,14 +154,11 @@ def plot_heatmaps(models: dict, images: torch.Tensor, split: dict, n: int = 6, p
     pick = np.linspace(0, len(texts) - 1, n).astype(int)
     ids, size = tokenize_texts(texts[pick]), split['images'].shape[1]
     fig, axes = _subplots(len(models) + 1, n, figsize=(1.9 * n, 2.0 * (len(models) + 1)), squeeze=False)
-    maps = {name: own_image_maps(model, images, ids, txt2img[pick], kind)  # (n, g, g)
-            for name, (model, kind) in models.items()}
+    maps = [own_image_maps(model, images, ids, txt2img[pick], kind) for model, kind in models.values()]  # (n, g, g)
     for col, s in enumerate(pick):
-        column = [split['images'][int(txt2img[s])]] * (len(models) + 1)
         for row, ax in enumerate(axes[:, col]):
-            ax.imshow(column[row]); ax.set_xticks([]); ax.set_yticks([])
-            if row: ax.imshow(list(maps.values())[row - 1][col].numpy(), cmap='inferno', alpha=0.75,
-                              extent=(0, size, size, 0))
+            ax.imshow(split['images'][int(txt2img[s])]); ax.set_xticks([]); ax.set_yticks([])
+            if row: ax.imshow(maps[row - 1][col].numpy(), cmap='inferno', alpha=0.75, extent=(0, size, size, 0))
             ax.contour(masks[s], levels=[0.5], colors='cyan', linewidths=0.8)
         axes[0, col].set_title(textwrap.fill(str(texts[s]), 24), fontsize=7)
     for row, (name, (_, kind)) in enumerate(models.items(), start=1):
@@ -196,9 +193,7 @@ CLI_ONLY = ('job', 'func', 'debug', 'ablate', 'results')   # what `flair-min dem
 # %% ../nbs/17_demo.ipynb #a3b4c5d6
 def demo_config(args=None, **overrides) -> DemoConfig:
     "The DemoConfig of a DemoConfig or a dict of settings (as `flair-min demo` parses them), with keyword overrides."
-    if isinstance(args, DemoConfig): args = {**asdict(args), 'quick': False, 'long': False}
-    args = dict(args or {})
-    args.update(overrides)
+    args = {**(asdict(args) if isinstance(args, DemoConfig) else args or {}), **overrides}
     quick, long = args.pop('quick', False), args.pop('long', False)
     if quick and long: raise ValueError("quick and long are two different presets; expected at most one of them")
     config = DemoConfig.quick() if quick else DemoConfig.long() if long else DemoConfig()
@@ -272,12 +267,10 @@ def ablation_table(runs: dict) -> str:
     "Markdown: one row per variant, each column 'mean (seed values)'."
     head = '| variant | ' + ' | '.join(label for *_, label in ABLATION_COLUMNS) + ' |'
     lines = [head, '|---|' + '---|' * len(ABLATION_COLUMNS)]
+    cell = lambda values: f"{np.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})"   # mean (each seed)
     for name, per_seed in runs.items():
-        cells = []
-        for section, key, _ in ABLATION_COLUMNS:
-            values = [r[section][key] for r in per_seed.values()]
-            cells.append(f"{np.mean(values):.3f} ({', '.join(f'{v:.3f}' for v in values)})")
-        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+        lines.append(f'| {name} | ' + ' | '.join(cell([r[section][key] for r in per_seed.values()])
+                                                 for section, key, _ in ABLATION_COLUMNS) + ' |')
     return '\n'.join(lines)
 
 # %% ../nbs/17_demo.ipynb #2f57b38d

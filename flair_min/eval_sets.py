@@ -34,8 +34,7 @@ class RetrievalSet:
 
     def check_images(self):
         "Raise FileNotFoundError, naming the expected layout, if any image file is missing."
-        missing = [p for p in self.images if not Path(p).is_file()]
-        if missing:
+        if missing := [p for p in self.images if not Path(p).is_file()]:
             raise FileNotFoundError(f"{self.name}: {len(missing):,} of {len(self.images):,} image files are missing, "
                                     f"e.g. {missing[0]}. Expected layout:\n{self.layout}")
 
@@ -76,13 +75,13 @@ class AnnotationFile:
             with open(self.path, encoding='utf-8') as f: return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e: raise self.error(f"not valid JSON ({e})") from None
 
-    def entries(self, data, key: str | None = None) -> list:
-        "The non-empty list of entries: `data[key]`, or `data` itself when `key` is None (a file that is a list)."
+    def entries(self, data, key: str | None = None, id_key: str | None = None) -> list[tuple]:
+        "(entry, `where` it is) of each of the non-empty `data[key]`, or of `data` itself when `key` is None (a list)."
         entries = data if key is None else data.get(key) if isinstance(data, dict) else None
         expected = 'a list of entries' if key is None else f'an object with a list under {key!r}'
         if not isinstance(entries, list): raise self.error(f"expected {expected}, got {describe_json(data)}")
         if not entries: raise self.error(f"{'the list' if key is None else repr(key)} is empty: no entries to read")
-        return entries
+        return [(entry, self.where(key, i, entry, id_key)) for i, entry in enumerate(entries)]
 
     def where(self, key: str | None, i: int, entry, id_key: str | None = None) -> str:
         "How errors name an entry: its place in the file and, if it has one, its id ('annotations[3] (id 12)')."
@@ -110,11 +109,9 @@ def read_coco(root) -> RetrievalSet:
     root = Path(root)
     ann = AnnotationFile(root / 'annotations' / 'captions_val2017.json', COCO_LAYOUT)
     data, files, records = ann.read(), {}, []
-    for i, image in enumerate(ann.entries(data, 'images')):
-        where = ann.where('images', i, image, 'id')
+    for image, where in ann.entries(data, 'images', 'id'):
         files[ann.field(image, 'id', where, ID)] = root / 'images' / 'val2017' / ann.field(image, 'file_name', where)
-    for i, a in enumerate(ann.entries(data, 'annotations')):
-        where = ann.where('annotations', i, a, 'id')
+    for a, where in ann.entries(data, 'annotations', 'id'):
         if (image_id := ann.field(a, 'image_id', where, ID)) in files:
             records.append((image_id, files[image_id], ann.field(a, 'caption', where)))
     if not records: raise ann.error("no annotation's image_id is the id of an entry of 'images'")
@@ -130,8 +127,7 @@ def read_flickr30k(root, split: str = 'val') -> RetrievalSet:
     "Flickr30k: five texts per image (val: 1,014 images, 5,070 texts)."
     root = Path(os.path.abspath(root))
     ann, records = AnnotationFile(root / f'flickr30k_{split}.json', FLICKR_LAYOUT), []
-    for i, entry in enumerate(ann.entries(ann.read())):
-        where = ann.where(None, i, entry, 'image')
+    for i, (entry, where) in enumerate(ann.entries(ann.read(), id_key='image')):
         image, captions = root.parent / ann.field(entry, 'image', where), ann.field(entry, 'caption', where, list)
         if not captions or not all(isinstance(c, str) for c in captions):
             raise ann.error(f"{where}: 'caption' is {describe_json(captions)}, expected a non-empty list of strings")
@@ -152,8 +148,7 @@ def _read_annotations(name: str, root, file: str, image_dir: str, layout: str) -
     "The set whose `root`/`file` lists {'annotations': [{image_id, image, caption}]}, images in `root`/`image_dir`."
     root, records = Path(root), []
     ann = AnnotationFile(root / file, layout)
-    for i, a in enumerate(ann.entries(ann.read(), 'annotations')):
-        where = ann.where('annotations', i, a, 'image_id')
+    for a, where in ann.entries(ann.read(), 'annotations', 'image_id'):
         records.append((ann.field(a, 'image_id', where, ID), root / image_dir / ann.field(a, 'image', where),
                         ann.field(a, 'caption', where)))
     return from_records(name, records, layout)
@@ -192,23 +187,18 @@ def rejoin(caption: str) -> str:
     "A long caption cut into sentences (`split_caption`), re-joined with '. ', as official long-retrieval readers do."
     return '. '.join(split_caption(caption))
 
-def _dci_files(splits_file: AnnotationFile) -> list[str]:
-    "The annotation file names of every split of DCI's splits.json, in file order."
-    splits, files = splits_file.read(), []
-    if not isinstance(splits, dict):
+def read_dci(root) -> RetrievalSet:
+    "DCI: all splits together, one text per image (short + extra caption, re-joined), 7,805 pairs."
+    base = Path(root) / 'densely_captioned_images'
+    splits_file, files, records = AnnotationFile(base / 'splits.json', DCI_LAYOUT), [], []
+    if not isinstance(splits := splits_file.read(), dict):
         raise splits_file.error(f"expected an object of split name -> file names, got {describe_json(splits)}")
-    for split, names in splits.items():
+    for split, names in splits.items():                                   # every split, in file order
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise splits_file.error(f"split {split!r} is {describe_json(names)}, expected a list of file names")
         files += names
     if not files: raise splits_file.error("the splits name no annotation files")
-    return files
-
-def read_dci(root) -> RetrievalSet:
-    "DCI: all splits together, one text per image (short + extra caption, re-joined), 7,805 pairs."
-    base = Path(root) / 'densely_captioned_images'
-    records = []
-    for i, name in enumerate(_dci_files(AnnotationFile(base / 'splits.json', DCI_LAYOUT))):
+    for i, name in enumerate(files):
         ann = AnnotationFile(base / 'annotations' / name, DCI_LAYOUT)
         annotation, where = ann.read(), f"the annotation of image {i}"
         short, extra = ann.field(annotation, 'short_caption', where), ann.field(annotation, 'extra_caption', where)
@@ -219,13 +209,11 @@ def read_sharegpt4v(root, size: int = 1000) -> RetrievalSet:
     "ShareGPT4V-1k/10k: the first `size` entries, one re-joined answer per image."
     root = Path(root)
     ann = AnnotationFile(root / 'share4v_sam_10k.json', SHAREGPT4V_LAYOUT)
-    data = ann.entries(ann.read())
+    data = ann.entries(ann.read(), id_key='image')
     if len(data) < size: raise ValueError(f"{ann.path} has {len(data):,} entries, fewer than the {size:,} asked for")
     records = []
-    for i, entry in enumerate(data[:size]):
-        where = ann.where(None, i, entry, 'image')
-        image = ann.field(entry, 'image', where)
-        image = image.replace('/images', '') if 'images' in image else image
+    for i, (entry, where) in enumerate(data[:size]):
+        image = ann.field(entry, 'image', where).replace('/images', '')   # as the official code: sam/images/x -> sam/x
         conversation = ann.field(entry, 'conversations', where, list)   # [question, answer]: the answer is the caption
         if len(conversation) < 2:
             raise ann.error(f"{where}: 'conversations' is {describe_json(conversation)}, "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .tokenizer import get_tokenizer
-from .model import FLAIR, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, check_token_ids
+from .model import FLAIR, check_token_ids, image_transform
 from .retrieval import check_finite_values
 from .eval_sets import IGNORE_INDEX, VOC_PROMPT_NAMES, SegmentationSet, load_image
 
@@ -208,7 +208,6 @@ class Explorer:
     "Widgets over a model and some images: image, sentence, map kind and head in; the overlay out."
     def __init__(self, model: FLAIR, images, text: str = 'a red circle', preprocess=None):
         import ipywidgets as W
-        from flair_min.model import image_transform
         self.model, self.images = model, [np.asarray(im.convert('RGB')) if isinstance(im, Image.Image) else im
                                           for im in images]
         self.preprocess = preprocess or image_transform(model.config.image_size)
@@ -235,22 +234,18 @@ class Explorer:
         return self.last
 
     def figure(self):
-        "A matplotlib figure of the current overlay."
-        import matplotlib.pyplot as plt
-        s = self.compute()
-        fig, ax = plt.subplots(figsize=(4, 4))
+        "A matplotlib figure of the current overlay (a `Figure` of its own, outside pyplot: nothing to close)."
+        from matplotlib.figure import Figure
+        s, fig = self.compute(), Figure(figsize=(4, 4))
         zero = f", zero slot {s['zero_slot']:.2f}" if s['kind'] == 'attention' else ''
-        overlay(ax, s['image'], s['map'], f"{s['text'][:40]}\n{s['kind']}{zero}")
+        overlay(fig.subplots(), s['image'], s['map'], f"{s['text'][:40]}\n{s['kind']}{zero}")
         return fig
 
     def png(self) -> bytes:
         "The current overlay as PNG bytes, with the figure's title in the PNG's 'Title' text chunk."
         import io
-        import matplotlib.pyplot as plt
         fig, buffer = self.figure(), io.BytesIO()
-        title = fig.axes[0].get_title()
-        try: fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight', metadata={'Title': title})
-        finally: plt.close(fig)
+        fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight', metadata={'Title': fig.axes[0].get_title()})
         return buffer.getvalue()
 
     def update(self):
@@ -278,9 +273,7 @@ class Explorer:
 # %% ../nbs/14_localization.ipynb #35a0916a
 def segmentation_input(image: Image.Image, size: int) -> torch.Tensor:
     "(3, size, size): the whole image (no crop) resized bicubically and normalised as FLAIR's evaluation input."
-    x = torch.from_numpy(np.asarray(image.convert('RGB').resize((size, size), Image.BICUBIC), dtype=np.float32) / 255)
-    mean, std = torch.tensor(OPENAI_DATASET_MEAN), torch.tensor(OPENAI_DATASET_STD)
-    return ((x - mean) / std).permute(2, 0, 1)                                       # (3, size, size)
+    return image_transform(size)(image.convert('RGB').resize((size, size), Image.BICUBIC))   # square: crops nothing
 
 # %% ../nbs/14_localization.ipynb #f14b5638
 @torch.no_grad()

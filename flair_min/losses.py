@@ -52,16 +52,11 @@ def pair_labels(caption_indices: torch.Tensor, num_captions: int, image_indices:
     own = caption_indices // num_captions == image_indices[:, None]  # (B, N); caption_indices (B, N) or (1, N)
     return own.float() * 2 - 1
 
-# %% ../nbs/04_losses.ipynb #690930af
-def text_conditioned_logits(pooled, texts, logit_scale, logit_bias):
-    "(B, K+B-1) scores e^s·cos(pooled, text) + b of each pooled vector (B, K+B-1, D) with its text (B, K+B-1, D)."
-    cos = (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1)  # (B, K+B-1)
-    return logit_scale * cos + logit_bias
-
 # %% ../nbs/04_losses.ipynb #9ea1c6a9
 def text_conditioned_sigmoid_loss(pooled, texts, labels, logit_scale, logit_bias, denominator=None):
     "Text-conditioned sigmoid loss: -sum log σ(y·z) / (texts per image, unless `denominator` is given)."
-    logits = text_conditioned_logits(pooled, texts, logit_scale, logit_bias)  # (B, K+B-1)
+    cos = (F.normalize(pooled, dim=-1) * F.normalize(texts, dim=-1)).sum(-1)  # (B, K+B-1): cos(pooled, text)
+    logits = logit_scale * cos + logit_bias                                   # (B, K+B-1)
     denominator = labels.shape[1] if denominator is None else denominator
     return -F.logsigmoid(labels.to(logits.dtype) * logits).sum() / denominator
 
@@ -99,13 +94,9 @@ def rank_and_world() -> tuple[int, int]:
     "(rank, world size) of this process in the running torch.distributed process group; (0, 1) without one."
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
-def in_process_group() -> bool:
-    "Whether a torch.distributed process group of more than one process is running."
-    return rank_and_world()[1] > 1
-
 def distributed_texts(text_features: torch.Tensor, distributed: bool | None = None):
     "(texts, rank, world): every rank's texts (all-gathered) in a process group or when `distributed`, else this one's."
-    if distributed is None: distributed = in_process_group()
+    if distributed is None: distributed = rank_and_world()[1] > 1
     return (all_gather_with_grad(text_features), *rank_and_world()) if distributed else (text_features, 0, 1)
 
 # %% ../nbs/04_losses.ipynb #c2361f2d
@@ -147,35 +138,26 @@ class FlairLoss(nn.Module):
     def forward(self, image_features, image_tokens, text_features, logit_scale, logit_bias, visual_proj,
                 negative_offsets=None, generator=None, output_dict: bool = False):
         _check_batch(image_features, image_tokens, text_features, self.num_captions)
-        if self.mode() == 'ring':
-            offsets = self._own_negative_offsets(negative_offsets, image_tokens.shape[0], generator,
-                                                 text_features.device)
-            loss = ring_flair_loss_of_rank(image_features, image_tokens, text_features, offsets, logit_scale,
-                                           logit_bias, visual_proj, self.num_captions, self.add_mps, self.chunk_size)
+        B, K, mode = image_tokens.shape[0], self.num_captions, self.mode()
+        if mode == 'ring':
+            if negative_offsets is None:  # each rank its own draw (B, B-1): row `rank` of one (W, B, B-1) stream
+                draws = torch.randint(0, K, (dist.get_world_size(), B, B - 1), generator=generator)
+                negative_offsets = draws[dist.get_rank()].to(text_features.device)
+            loss = ring_flair_loss_of_rank(image_features, image_tokens, text_features, negative_offsets, logit_scale,
+                                           logit_bias, visual_proj, K, self.add_mps, self.chunk_size)
         else:
-            texts, rank, world = distributed_texts(text_features, self.mode() == 'gather')
-            offsets = self._negative_offsets(negative_offsets, image_tokens.shape[0] * world, generator, world,
-                                             texts.device)
+            texts, rank, world = distributed_texts(text_features, mode == 'gather')
+            if negative_offsets is None:
+                negative_offsets = draw_negative_offsets(B * world, K, generator=generator).to(texts.device)
+                if world > 1: dist.broadcast(negative_offsets, src=0)  # 'gather': every rank scores rank 0's draw
             loss = flair_loss_of_rank(image_features, image_tokens, texts, logit_scale, logit_bias, visual_proj,
-                                      offsets, self.num_captions, self.add_mps, self.chunk_size, rank, world)
+                                      negative_offsets, K, self.add_mps, self.chunk_size, rank, world)
         return {'contrastive_loss': loss} if output_dict else loss
 
     def mode(self) -> str:
         "'ring', 'gather' or 'local': in a process group the chosen formulation (None, True: 'ring'), else 'local'."
-        if self.distributed is False or not in_process_group(): return 'local'
+        if self.distributed is False or rank_and_world()[1] == 1: return 'local'
         return 'ring' if self.distributed in (None, True) else self.distributed
-
-    def _negative_offsets(self, negative_offsets, num_images, generator, world, device):
-        if negative_offsets is not None: return negative_offsets
-        offsets = draw_negative_offsets(num_images, self.num_captions, generator=generator).to(device)
-        if world > 1: dist.broadcast(offsets, src=0)  # 'gather': every rank must score the same draw, rank 0's
-        return offsets
-
-    def _own_negative_offsets(self, negative_offsets, batch_size, generator, device):
-        if negative_offsets is not None: return negative_offsets
-        world, rank = dist.get_world_size(), dist.get_rank()      # 'ring': each rank its own draw (B, B-1)
-        draws = torch.randint(0, self.num_captions, (world, batch_size, batch_size - 1), generator=generator)
-        return draws[rank].to(device)                             # (B, B-1): row `rank` of one shared stream
 
 # %% ../nbs/04_losses.ipynb #b3b7a41f
 def _check_batch(image_features, image_tokens, text_features, num_captions):

@@ -90,10 +90,8 @@ def create_model(model_name=None, pretrained=None, precision: str = 'fp32', devi
     checkpoint, source = _read_pretrained(pretrained, model_name, cache_dir)
     config = _model_config(model_name, checkpoint, source)
     if force_image_size: config = dataclasses.replace(config, image_size=force_image_size)   # patch grid resampled
-    if checkpoint is None: model = FLAIR(config)
-    else:
-        with torch.device('meta'): model = FLAIR(config)
-        model = load_checkpoint(model, checkpoint, assign=True, source=source)   # adopts the tensors: no copy
+    with torch.device('cpu' if checkpoint is None else 'meta'): model = FLAIR(config)   # meta: no random init
+    if checkpoint is not None: model = load_checkpoint(model, checkpoint, assign=True, source=source)   # no copy
     return model.to(device=device, dtype=weights_dtype)
 
 def create_model_and_transforms(model_name=None, pretrained=None, precision: str = 'fp32', device='cpu',

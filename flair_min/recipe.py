@@ -132,16 +132,12 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
     "The official rule: decay parameters with >= 2 dimensions whose name has none of 'ln', 'bias', 'logit_scale'."
     return param.ndim >= 2 and not any(s in name for s in ('ln', 'bias', 'logit_scale'))
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "Two AdamW groups, as OpenCLIP: gains/biases/logit scale without decay, then the weights with `weight_decay`."
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{'params': [p for n, p in named if not is_decayed(n, p)], 'weight_decay': 0.0},
-            {'params': [p for n, p in named if is_decayed(n, p)], 'weight_decay': weight_decay}]
-
 def create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    "AdamW over `param_groups` with the config's lr, betas, eps and weight decay; fused where the device allows."
-    groups = param_groups(model, config.weight_decay)
-    devices = {p.device.type for g in groups for p in g['params']}
+    "AdamW (fused where the device allows) over OpenCLIP's two groups: gains, biases, logit scale undecayed; weights."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{'params': [p for n, p in named if not is_decayed(n, p)], 'weight_decay': 0.0},
+              {'params': [p for n, p in named if is_decayed(n, p)], 'weight_decay': config.weight_decay}]
+    devices = {p.device.type for _, p in named}
     fused = config.fused_optimizer and devices <= {'cpu', 'cuda'}       # the fused kernel's devices
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused or None)
 

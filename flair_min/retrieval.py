@@ -99,23 +99,17 @@ class PoolingWeights(NamedTuple):
     ln_q: nn.Module
     ln_k: nn.Module
     ln_v: nn.Module
-    w_q: torch.Tensor  # (D, D), and the biases (D,)
-    b_q: torch.Tensor
-    w_k: torch.Tensor
-    b_k: torch.Tensor
-    w_v: torch.Tensor
-    b_v: torch.Tensor
-    w_o: torch.Tensor
-    b_o: torch.Tensor
+    q: tuple[torch.Tensor, torch.Tensor]  # (weight (D, D), bias (D,)): F.linear(x, *q)
+    k: tuple[torch.Tensor, torch.Tensor]
+    v: tuple[torch.Tensor, torch.Tensor]
+    out_proj: nn.Linear
     heads: int
 
 def pooling_weights(visual_proj: nn.Module) -> PoolingWeights:
     "The parts of FLAIR's pooling layer (`model.visual_proj`: ln_q, ln_k, ln_v, attn.in_proj_*, attn.out_proj)."
     attn = visual_proj.attn
-    (w_q, w_k, w_v), (b_q, b_k, b_v) = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)  # rows: q, k, v
-    heads = getattr(attn, 'heads', None) or attn.num_heads
-    return PoolingWeights(visual_proj.ln_q, visual_proj.ln_k, visual_proj.ln_v, w_q, b_q, w_k, b_k, w_v, b_v,
-                          attn.out_proj.weight, attn.out_proj.bias, heads)
+    q, k, v = zip(attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3))   # rows: q, k, v; each (weight, bias)
+    return PoolingWeights(visual_proj.ln_q, visual_proj.ln_k, visual_proj.ln_v, q, k, v, attn.out_proj, attn.heads)
 
 # %% ../nbs/12_retrieval.ipynb #f67f7ed0
 class TextQueries(NamedTuple):
@@ -128,15 +122,15 @@ def prepare_texts(text_emb: torch.Tensor, weights: PoolingWeights | None = None)
     if text_emb.dim() != 2: raise ValueError(f"text_emb: expected (N, D) text embeddings, got {tuple(text_emb.shape)}")
     unit = F.normalize(text_emb.float(), dim=-1)                                          # (N, D)
     if weights is None: return TextQueries(None, unit)
-    q = F.linear(weights.ln_q(text_emb), weights.w_q, weights.b_q)                          # (N, D)
+    q = F.linear(weights.ln_q(text_emb), *weights.q)                                       # (N, D)
     return TextQueries(q.unflatten(-1, (weights.heads, -1)).transpose(0, 1).contiguous(), unit)  # (h, N, d)
 
 # %% ../nbs/12_retrieval.ipynb #72fd63a2
 def project_keys_values(local: torch.Tensor, weights: PoolingWeights) -> tuple[torch.Tensor, torch.Tensor]:
     "Keys and values of B images' local tokens (B, L, D), zero slot last: two (B, h, L+1, d) tensors."
     if local.dim() != 3: raise ValueError(f"local: expected image tokens of shape (B, L, D), got {tuple(local.shape)}")
-    k = F.linear(weights.ln_k(local), weights.w_k, weights.b_k)                             # (B, L, D)
-    v = F.linear(weights.ln_v(local), weights.w_v, weights.b_v)                             # (B, L, D)
+    k = F.linear(weights.ln_k(local), *weights.k)                                          # (B, L, D)
+    v = F.linear(weights.ln_v(local), *weights.v)                                          # (B, L, D)
     k, v = (x.unflatten(-1, (weights.heads, -1)).transpose(1, 2) for x in (k, v))          # (B, h, L, d)
     return F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))                                  # (B, h, L+1, d)
 
@@ -145,7 +139,7 @@ def pair_cosines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unit: torch.
                  weights: PoolingWeights) -> torch.Tensor:
     "cos(pool(t, image), t) for queries q (B, h, n, d), k/v (B, h, L+1, d), unit texts (n, D) or (B, n, D) → (B, n)."
     o = F.scaled_dot_product_attention(q, k, v)                                           # (B, h, n, d)
-    pooled = F.linear(o.transpose(1, 2).flatten(2), weights.w_o, weights.b_o).float()     # (B, n, D)
+    pooled = weights.out_proj(o.transpose(1, 2).flatten(2)).float()                       # (B, n, D)
     return (pooled * unit).sum(-1) / pooled.norm(dim=-1).clamp_min(1e-12)                  # (B, n), as F.normalize
 
 # %% ../nbs/12_retrieval.ipynb #f738fcb5
@@ -195,20 +189,15 @@ def scatter_topk(scores: torch.Tensor, indices: torch.Tensor, n_texts: int) -> t
     "Top-k scores (B, k) at their text indices (B, k) in a full (B, n_texts) matrix, −1e10 elsewhere."
     return torch.full((scores.shape[0], n_texts), OUTSIDE_TOPK, device=scores.device).scatter_(1, indices, scores)
 
-# %% ../nbs/12_retrieval.ipynb #4fcba727
-@torch.no_grad()
-def global_scores(global_emb: torch.Tensor, texts: TextQueries, scale) -> torch.Tensor:
-    "CLIP-way scores (B, N): exp(logit_scale) · cos(global image, text)."
-    return scale * F.normalize(global_emb.float(), dim=-1) @ texts.unit.T
-
 # %% ../nbs/12_retrieval.ipynb #4e7fb3a9
+@torch.no_grad()
 def score_embeddings(global_emb, local, texts, visual_proj, scale, mode: str = 'flair', topk: int = 128,
                      chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     "(B, N) scores of precomputed image embeddings (global (B, D), local (B, L, D)) vs texts ((N, D) or `TextQueries`)."
     check_mode(mode, topk)
     weights = pooling_weights(visual_proj)
     if isinstance(texts, torch.Tensor): texts = prepare_texts(texts, None if mode == 'global' else weights)
-    if mode == 'global': return global_scores(global_emb, texts, scale)
+    if mode == 'global': return scale * F.normalize(global_emb.float(), dim=-1) @ texts.unit.T   # CLIP way
     if texts.q is None:
         raise ValueError(f"mode={mode!r} needs pooling queries: "
                          "prepare the texts with prepare_texts(text_emb, weights)")

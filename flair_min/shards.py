@@ -96,14 +96,6 @@ class TailReader:
 _DECOMPRESSORS = {b'\x1f\x8b': lambda f: gzip.GzipFile(fileobj=f, mode='rb'),  # first bytes → decompressing reader
                   b'BZh': bz2.BZ2File, b'\xfd7zXZ\x00': lzma.LZMAFile}
 
-def _tar_reader(stream) -> tuple[TailReader, bool]:
-    "(the tar bytes of a shard stream, whether they were compressed): gzip, bzip2 and xz are decompressed."
-    raw = TailReader(stream)
-    head = raw.peek(6)
-    for magic, decompressor in _DECOMPRESSORS.items():
-        if head.startswith(magic): return TailReader(decompressor(raw)), True
-    return raw, False
-
 def check_complete(tar: tarfile.TarFile, reader: TailReader):
     "Raise unless the tar ends where tarfile stopped: zero blocks, then nothing (tarfile stops quietly at bad headers)."
     rest = bytes(reader.tail[tar.offset - (reader.pos - len(reader.tail)):])   # tarfile reads < 11 kB ahead
@@ -122,7 +114,10 @@ def tar_samples(url: str) -> Iterator[dict]:
     sample, end, reader, compressed = {}, 0, None, False
     try:
         with open_stream(url) as stream:
-            reader, compressed = _tar_reader(stream)
+            reader = raw = TailReader(stream)
+            head = raw.peek(6)                                              # gzip, bzip2, xz: read decompressed
+            for magic, decompressor in _DECOMPRESSORS.items():
+                if head.startswith(magic): reader, compressed = TailReader(decompressor(raw)), True
             with tarfile.open(fileobj=reader, mode='r|') as tar:
                 for member in tar:
                     if member.isfile():
@@ -144,9 +139,8 @@ def tar_samples(url: str) -> Iterator[dict]:
 # %% ../nbs/05_shards.ipynb #10a619a3
 def write_shard(path, samples: Iterable[dict]) -> int:
     "Write samples {'__key__': key, ext: bytes | str | JSON-able, …} as a webdataset tar at `path`, atomically."
-    count = 0
+    keys = []
     def write(file):
-        nonlocal count
         with tarfile.open(fileobj=file, mode='w') as tar:
             for sample in samples:
                 for ext, value in sample.items():
@@ -156,6 +150,6 @@ def write_shard(path, samples: Iterable[dict]) -> int:
                     info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                     info.size, info.mode = len(value), 0o644                   # mtime stays 0: reproducible bytes
                     tar.addfile(info, io.BytesIO(value))
-                count += 1
+                keys.append(sample['__key__'])
     atomic_write(path, write)
-    return count
+    return len(keys)

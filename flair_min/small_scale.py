@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .model import FLAIR, FlairConfig, check_fields, check_token_ids, image_transform, whole
+from .model import FLAIR, FlairConfig, check_fields, image_transform, whole
 from .shards import expand_urls, tar_samples
 from .samples import SkipSample, is_blank, raw_image, raw_record
 from .data import make_train_loader
@@ -26,13 +26,12 @@ from .retrieval import evaluate_retrieval
 from .tokenizer import get_tokenizer
 
 # %% ../nbs/18_small_scale.ipynb #59d19634
-def gpu_info(device=None) -> dict:
-    "Name, memory (GiB, as PyTorch reports it) and bfloat16 support of a CUDA device; a clear error without one."
+def gpu_info() -> dict:
+    "Name, memory (GiB, as PyTorch reports it) and bfloat16 support of the current CUDA device; a clear error without."
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU is visible: on Colab choose Runtime → Change runtime type → a GPU "
                            "(T4, L4 or A100); to run on the CPU, pass preset='cpu'")
-    index = torch.device(device).index if device is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index or 0)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {'name': props.name, 'memory_gib': props.total_memory / 2**30, 'bf16': props.major >= 8}
 
 # %% ../nbs/18_small_scale.ipynb #7f9ca6ef
@@ -151,7 +150,6 @@ def shard_pairs(source, n: int, caption_fields=LONG_CAPTION_FIELDS) -> tuple[lis
     images, captions = [], []
     for url in expand_urls(source):
         for raw in tar_samples(url):
-            if raw.get('__skip__'): continue
             try: caption, image = caption_text(raw_record(raw), caption_fields), raw_image(raw)
             except SkipSample: continue
             images.append(image); captions.append(caption)
@@ -177,12 +175,8 @@ def heldout_retrieval(model: FLAIR, images: torch.Tensor, captions: list, modes=
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: expected one caption per image")
     texts = get_tokenizer(context_length=model.config.context_length)(list(captions))   # (N, context_length)
-    check_token_ids(texts, model.config.vocab_size)
-    training = model.training; model.eval()
-    try: return {mode: evaluate_retrieval(model, images.split(batch_size), texts, torch.arange(len(captions)),
-                                          mode, device=device)
-                 for mode in modes}
-    finally: model.train(training)
+    return {mode: evaluate_retrieval(model, images.split(batch_size), texts, torch.arange(len(captions)), mode,
+                                     device=device) for mode in modes}   # FLAIR has no dropout or batch norm
 
 def retrieval_hook(images: torch.Tensor, captions: list, modes=('flair', 'global'), batch_size: int = 64,
                    keys=('text_to_image_R@1', 'text_to_image_R@5',

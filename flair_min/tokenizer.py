@@ -159,10 +159,8 @@ class SimpleTokenizer:
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad: raise TypeError(f"texts: expected a string or a list of strings, got elements of type {bad[0]}")
         n = check_context_length(self.context_length if context_length is None else context_length)
-        rows = []
-        for text in texts:
-            ids = [self.sot_token_id, *self.encode(text, n - 2), self.eot_token_id]
-            rows.append(ids + [0] * (n - len(ids)))  # 0 = padding
+        rows = [[self.sot_token_id, *self.encode(text, n - 2), self.eot_token_id] for text in texts]
+        rows = [ids + [0] * (n - len(ids)) for ids in rows]                     # 0 = padding
         return torch.tensor(rows, dtype=torch.long).reshape(len(texts), n)  # (N, n)
 
 # %% ../nbs/00_tokenizer.ipynb #50e9c9e4

@@ -56,7 +56,6 @@ def own_image_maps(model: FLAIR, images: torch.Tensor, texts: torch.Tensor, txt2
     "One map over the patch grid per text on its own image (`14_localization`'s maps): (N, g, g)."
     return _maps_on_own_images(model, model.embed_image(images)[1], model.embed_text(texts), txt2img, kind)
 
-@torch.no_grad()
 def _maps_on_own_images(model: FLAIR, local: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor,
                         kind: str = 'attention') -> torch.Tensor:
     "One map per text on its own image, from embeddings already computed: local (M, L, D), text_emb (N, D) → (N, g, g)."
@@ -128,26 +127,20 @@ def toy_segmentation(model: FLAIR, images: torch.Tensor, split: dict, kinds=MAP_
 # %% ../nbs/16_toy_eval.ipynb #074e1903
 ATTRIBUTES = ('shape', 'colour', 'size', 'position')  # the columns of the split's `attributes`
 
-def object_sentence(split: dict, shape: int, colour: int, size: int, position: int) -> str:
-    "The toy world's sentence (`ToyObject.sentence`) for an object given its attribute indices; nuisances do not show."
-    names = (str(split[f'{a}_names'][i]) for a, i in zip(('shape', 'colour', 'size'), (shape, colour, size)))
-    return ToyObject(*names, cell=int(position), offset=(0.0, 0.0), tint=(0, 0, 0)).sentence
-
 def swapped_sentences(split: dict, attribute: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "For every object sentence, a copy with `attribute` swapped to a random other value that is false of its image."
     column, rng = ATTRIBUTES.index(attribute), np.random.default_rng([seed, ATTRIBUTES.index(attribute)])
     names = split[f'{attribute}_names']                                      # e.g. split['colour_names']
     keep = np.flatnonzero(split['sentence_object'] >= 0)
-    own = {}
-    for text, image in zip(split['sentences'].tolist(), split['sentence_image'].tolist()):
-        own.setdefault(image, set()).add(text)
+    own = set(zip(split['sentences'].tolist(), split['sentence_image'].tolist()))   # (text, image): true of it
     swapped = []
     for s in keep:
         values, image = split['attributes'][s].tolist(), int(split['sentence_image'][s])
         while True:
             values[column] = int(rng.choice([v for v in range(len(names)) if v != split['attributes'][s, column]]))
-            text = object_sentence(split, *values)
-            if text not in own[image]: break
+            text = ToyObject(*(str(split[f'{a}_names'][v]) for a, v in zip(ATTRIBUTES, values[:3])), values[3],
+                             offset=(0.0, 0.0), tint=(0, 0, 0)).sentence      # the nuisances do not show
+            if (text, image) not in own: break
         swapped.append(text)
     return keep, np.array(swapped)
 
@@ -163,9 +156,8 @@ def pair_scores(model: FLAIR, image_emb: tuple, texts: torch.Tensor, txt2img: to
 @torch.no_grad()
 def attribute_swap_accuracy(model: FLAIR, images: torch.Tensor, split: dict, mode: str, seed: int = 0) -> dict:
     "Per attribute: how often the true object sentence outscores its one-attribute swap on its own image."
-    image_emb, keep = model.embed_image(images), np.flatnonzero(split['sentence_object'] >= 0)   # kept by every swap
-    txt2img = torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)
-    true = pair_scores(model, image_emb, tokenize_texts(split['sentences'][keep]), txt2img, mode)
+    image_emb, (texts, txt2img, _) = model.embed_image(images), object_sentences(split)   # kept by every swap
+    true = pair_scores(model, image_emb, tokenize_texts(texts), txt2img, mode)
     out = {}
     for attribute in ATTRIBUTES:
         false = pair_scores(model, image_emb, tokenize_texts(swapped_sentences(split, attribute, seed)[1]),
@@ -176,14 +168,11 @@ def attribute_swap_accuracy(model: FLAIR, images: torch.Tensor, split: dict, mod
 # %% ../nbs/16_toy_eval.ipynb #3f21a3be
 def object_tokens(model: FLAIR, images: torch.Tensor, split: dict) -> tuple[torch.Tensor, np.ndarray]:
     "Per object sentence: projected patch tokens averaged over its object's patches (S, D), and its attributes (S, 4)."
-    keep = np.flatnonzero(split['sentence_object'] >= 0)
-    p = model.config.patch_size
-    coverage = torch.as_tensor(patch_coverage(split['masks'][keep], p), dtype=torch.float32).flatten(1)  # (S, L)
+    _, txt2img, masks = object_sentences(split)
+    coverage = torch.as_tensor(patch_coverage(masks, model.config.patch_size), dtype=torch.float32).flatten(1)  # (S, L)
     with torch.no_grad(): _, local = model.embed_image(images)                                        # (N, L, D)
     weights = coverage / coverage.sum(1, keepdim=True).clamp_min(1e-12)                                 # (S, L)
-    tokens = torch.einsum('sl,sld->sd', weights,
-                          local[torch.as_tensor(split['sentence_image'][keep], dtype=torch.long)])
-    return tokens, split['attributes'][keep]
+    return torch.einsum('sl,sld->sd', weights, local[txt2img]), split['attributes'][split['sentence_object'] >= 0]
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300, seed: int = 0) -> float:
     "Held-out accuracy of multinomial logistic regression x (n, d) → y (n,): fit on a random half, tested on the rest."
@@ -227,50 +216,41 @@ def evaluate_toy_model(model: FLAIR, images: torch.Tensor, split: dict, mode: st
     return out
 
 # %% ../nbs/16_toy_eval.ipynb #412112e1
-LOCALIZATION_ROWS = [
-    ('localization', 'localization', 'pointing_game', "pointing game, the model's map"),
-    *[('localization', 'localization', f'pointing_game_{k}', f'pointing game, {k}') for k in MAP_KINDS],
-    *[('localization', 'segmentation', f'{a}_best', f'segmentation mIoU, {a}s (best)') for a in SEGMENT_BY],
-    *[('localization', 'segmentation', f'{a}_{k}', f'  {a}s, {k}') for a in SEGMENT_BY for k in MAP_KINDS]]
-RETRIEVAL_ROWS = [(group, section, f'{d}_R@{k}', f"{group} {'T→I' if d == 'text_to_image' else 'I→T'} R@{k}")
+LOCALIZATION_ROWS = [  # (section of the results, metric, label)
+    ('localization', 'pointing_game', "pointing game, the model's map"),
+    *[('localization', f'pointing_game_{k}', f'pointing game, {k}') for k in MAP_KINDS],
+    *[('segmentation', f'{a}_best', f'segmentation mIoU, {a}s (best)') for a in SEGMENT_BY],
+    *[('segmentation', f'{a}_{k}', f'  {a}s, {k}') for a in SEGMENT_BY for k in MAP_KINDS]]
+RETRIEVAL_ROWS = [(section, f'{d}_R@{k}', f"{group} {'T→I' if d == 'text_to_image' else 'I→T'} R@{k}")
                   for group, section in (('fine-grained', 'fine_grained'), ('long caption', 'long_caption'))
                   for d in ('text_to_image', 'image_to_text') for k in (1, 5)]
-DIAGNOSTIC_ROWS = [*[('attribute swap', 'attributes', a, f'attribute swap {a}') for a in ATTRIBUTES],
-                   *[('image probe', 'image_probe', a, f'image probe {a}') for a in ATTRIBUTES],
-                   *[('text swap cosine', 'text_swap_cosine', a, f'text swap cosine {a}') for a in ATTRIBUTES]]
+DIAGNOSTIC_ROWS = [*[('attributes', a, f'attribute swap {a}') for a in ATTRIBUTES],
+                   *[('image_probe', a, f'image probe {a}') for a in ATTRIBUTES],
+                   *[('text_swap_cosine', a, f'text swap cosine {a}') for a in ATTRIBUTES]]
 ROWS = LOCALIZATION_ROWS + RETRIEVAL_ROWS + DIAGNOSTIC_ROWS
 
 def table_rows(results: dict, rows=ROWS) -> list[tuple[str, float, float, float]]:
     "(label, FLAIR, baseline, FLAIR − baseline) for each of `rows`."
-    out = []
-    for _, section, key, label in rows:
-        flair, base = results['flair'][section][key], results['baseline'][section][key]
-        out.append((label, flair, base, flair - base))
-    return out
-
-def _chance(results: dict, key: str) -> str:
-    "The chance level of a localization row, as text."
-    f = results['flair']
-    if key.startswith('pointing_game'): return f"{f['localization']['pointing_game_chance']:7.3f}"
-    return f"{f['segmentation'][key.split('_')[0] + '_chance']:7.3f}"
+    pairs = [(label, results['flair'][section][key], results['baseline'][section][key]) for section, key, label in rows]
+    return [(label, f, b, f - b) for label, f, b in pairs]
 
 def margins(results: dict) -> dict:
     "FLAIR − baseline for every row of `comparison_table`, keyed 'section/metric'."
-    return {f'{section}/{key}': results['flair'][section][key] - results['baseline'][section][key]
-            for _, section, key, _ in ROWS}
+    return {f'{section}/{key}': m for (section, key, _), (*_, m) in zip(ROWS, table_rows(results))}
 
 # %% ../nbs/16_toy_eval.ipynb #bd4e6a7c
 def comparison_table(results: dict) -> str:
     "Two models side by side ({'flair': metrics, 'baseline': metrics[, 'untrained': probes]}) as text."
+    f = results['flair']
+    chance = lambda s, key: f[s]['pointing_game_chance' if s == 'localization' else key.split('_')[0] + '_chance']
     head = f"{'':34s} {'FLAIR':>7s} {'baseline':>9s} {'margin':>7s}"
     lines = ['What FLAIR is for: localization', head + f" {'chance':>7s}"]
-    lines += [f'{label:34s} {f:7.3f} {b:9.3f} {m:+7.3f} {_chance(results, key)}'
-              for (_, _, key, _), (label, f, b, m) in zip(LOCALIZATION_ROWS, table_rows(results, LOCALIZATION_ROWS))]
+    lines += [f'{label:34s} {a:7.3f} {b:9.3f} {m:+7.3f} {chance(s, key):7.3f}'
+              for (s, key, _), (label, a, b, m) in zip(LOCALIZATION_ROWS, table_rows(results, LOCALIZATION_ROWS))]
     lines.append('(best): the best of the three maps, chosen on this split')
     for title, rows in (('Retrieval', RETRIEVAL_ROWS), ('Diagnostics: what each tower learned', DIAGNOSTIC_ROWS)):
-        lines += ['', title, head] + [f'{label:34s} {f:7.3f} {b:9.3f} {m:+7.3f}'
-                                      for label, f, b, m in table_rows(results, rows)]
-    f = results['flair']
+        lines += ['', title, head] + [f'{label:34s} {a:7.3f} {b:9.3f} {m:+7.3f}'
+                                      for label, a, b, m in table_rows(results, rows)]
     lines += ['', f"FLAIR scored globally: fine-grained T→I R@1 {f['fine_grained_global']['text_to_image_R@1']:.3f}, "
                   f"long caption T→I R@1 {f['long_caption_global']['text_to_image_R@1']:.3f}"]
     if 'untrained' in results:

@@ -247,10 +247,6 @@ def make_scene(index: int, config: ToyWorldConfig = ToyWorldConfig()) -> ToyScen
     return ToyScene(index, image, sentences, refs, sentence_masks(object_masks, refs), layout)
 
 # %% ../nbs/09_toyworld.ipynb #619cf76f
-def stored_image(image: np.ndarray, config: ToyWorldConfig) -> np.ndarray:
-    "The pixels a loader will decode from the shards: `image` through the configured encoding."
-    return np.asarray(Image.open(io.BytesIO(image_bytes(image, config))).convert('RGB'))
-
 def image_bytes(image: np.ndarray, config: ToyWorldConfig = ToyWorldConfig()) -> bytes:
     "`image` as the shards store it: JPEG (full-resolution chroma: 2×2 subsampling smears small objects) or PNG."
     buffer = io.BytesIO()
@@ -284,7 +280,8 @@ def make_eval_split(n: int, config: ToyWorldConfig = ToyWorldConfig(), seed: int
     scenes = [make_scene(i, config) for i in range(n)]
     sentences = [t for s in scenes for t in s.sentences]
     sentence_image = np.array([s.index for s in scenes for _ in s.sentences], np.int32)
-    return dict(images=np.stack([stored_image(s.image, config) for s in scenes]),  # (N, H, W, 3)
+    stored = [np.asarray(Image.open(io.BytesIO(image_bytes(s.image, config))).convert('RGB')) for s in scenes]
+    return dict(images=np.stack(stored),  # (N, H, W, 3): the pixels a loader decodes from the shards
                 captions=np.array([s.caption for s in scenes]), sentences=np.array(sentences),
                 sentence_image=sentence_image,
                 sentence_object=np.array([r for s in scenes for r in s.sentence_object], np.int16),

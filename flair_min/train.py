@@ -103,13 +103,6 @@ def resolve_device(device=None) -> torch.device:
 class TrainingDiverged(RuntimeError):
     "The loss (or the weights) of a training run became NaN or infinite: the run stopped before that update."
 
-# %% ../nbs/11_train.ipynb #1fef0544
-@torch.no_grad()
-def global_mean(x: torch.Tensor) -> float:
-    "The mean of a scalar over all ranks (itself without a process group)."
-    if not (dist.is_available() and dist.is_initialized()): return x.item()
-    x = x.detach().float().clone(); dist.all_reduce(x); return x.item() / dist.get_world_size()
-
 # %% ../nbs/11_train.ipynb #261173da
 def _plain(value):
     "A value `torch.load(weights_only=True)` accepts: numbers, strings, None, tuples/lists kept; others as their repr."
@@ -221,8 +214,10 @@ class Trainer:
         if self.loss_fn is None: self.loss_fn = make_loss(c.loss, batches[0][1].shape[1], c.loss_chunk_size,
                                                           c.distributed_loss)
         amp, no_sync = lambda: autocast(self.precision, self.device), getattr(self.net, 'no_sync', None)
-        loss = global_mean(accumulate_gradients(self.net, self.loss_fn, batches, (c.seed, self.step), self.scaler, amp,
-                                                no_sync))
+        loss = accumulate_gradients(self.net, self.loss_fn, batches, (c.seed, self.step), self.scaler, amp,
+                                    no_sync).float()
+        if self.world > 1: dist.all_reduce(loss)          # summed over the ranks
+        loss = loss.item() / self.world
         if not math.isfinite(loss):                       # every rank sees the same mean, so all of them stop here
             self.optimizer.zero_grad(set_to_none=True)    # the update is not applied
             raise self._diverged(f"loss became {loss} at step {self.step + 1} "

@@ -45,7 +45,7 @@ class Captioned(Dataset):
 
 def test_param_groups_follow_the_official_rule():
     model = FLAIR(FlairConfig.tiny())
-    no_decay, decay = R.param_groups(model, 0.5)
+    no_decay, decay = R.create_optimizer(model, R.TrainConfig()).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     for p in decay['params']:
         assert p.ndim >= 2 and not any(s in names[id(p)] for s in ('ln', 'bias', 'logit_scale'))
